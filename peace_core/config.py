@@ -1,0 +1,65 @@
+"""Model configuration: pydantic models that reject unknown fields (a typo lists the valid ones)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+AttentionBackendName = Literal["auto", "math", "sdpa", "xformers"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class EncoderConfig(StrictModel):
+    """The shared fusion encoder (spec §2)."""
+
+    dim: int = Field(64, gt=0, description="hidden size D")
+    depth: int = Field(2, gt=0, description="number of fusion blocks")
+    heads: int = Field(4, gt=0, description="attention heads; must divide dim")
+    ffn_dim: int = Field(128, gt=0, description="inner size of the per-modality FFNs")
+    layer_scale_init: float | None = Field(
+        1e-6, description="initial LayerScale value; None disables LayerScale"
+    )
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="max drop-path rate (linear ramp)")
+    norm_eps: float = Field(1e-5, gt=0.0)
+    rel_pos_tables: Literal["shared", "per_layer"] = Field(
+        "shared", description="one relative-position table per modality, or one per layer"
+    )
+    attention: AttentionBackendName = Field(
+        "auto", description="attention backend; the PEACE_ATTENTION env variable overrides it"
+    )
+    grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> EncoderConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"encoder.dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def num_bias_tables(self) -> int:
+        return 1 if self.rel_pos_tables == "shared" else self.depth
+
+
+class ModelConfig(StrictModel):
+    """A whole model: encoder sizes plus one option dict per modality.
+
+    Each modality's dict is validated by that modality plugin's options model when the model is
+    built (``peace_core.create_model``), so a typo there is reported with the plugin's fields.
+    """
+
+    name: str = "custom"
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    modalities: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    logit_scale_init: float = Field(math.log(1 / 0.07), description="log of the initial 1/τ")
+    logit_scale_max: float = Field(math.log(100.0), description="log of the clamp on 1/τ")

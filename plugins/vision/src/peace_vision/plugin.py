@@ -1,0 +1,3 @@
+"""Entry module of the vision plugin."""
+
+PEACE_PLUGIN_API = "1.0"

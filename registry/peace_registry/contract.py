@@ -1,0 +1,237 @@
+"""The plugin contract: every type a modality plugin produces or consumes.
+
+This module imports neither torch nor any plugin, so that plugin entry modules stay fast to import.
+Torch types appear only in annotations.
+
+Versioning (``PLUGIN_API_VERSION``, "MAJOR.MINOR"): a plugin declares the version it was written
+against as the module attribute ``PEACE_PLUGIN_API`` of its entry module. A different MAJOR means
+an incompatible contract and the plugin is skipped with an error; a plugin newer in MINOR than this
+library loads with a warning (it may use hooks this library does not call).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
+    from torch import nn
+
+PLUGIN_API_VERSION = "1.0"
+
+#: Modality names become checkpoint keys and ``nn.ModuleDict`` keys.
+MODALITY_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: The kinds of component a plugin can register; each is keyed by a modality (or preset) name.
+ComponentKind = Literal["modality", "adapter", "ffn", "masker", "preprocessor", "architecture"]
+COMPONENT_KINDS: tuple[ComponentKind, ...] = (
+    "modality",
+    "adapter",
+    "ffn",
+    "masker",
+    "preprocessor",
+    "architecture",
+)
+
+
+def check_modality_name(name: str) -> str:
+    """Return ``name`` if it is a valid modality name, else raise ``ValueError`` saying why."""
+    if not isinstance(name, str) or not MODALITY_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"invalid modality name {name!r}: expected lower-case letters, digits and '_', "
+            "starting with a letter (pattern ^[a-z][a-z0-9_]*$)"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# What a plugin registers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """A modality: its name, what its batches hold, which files it decodes, its options.
+
+    ``options`` is a pydantic model (``extra="forbid"``) of every per-modality setting: adapter
+    shape, preprocessing and masking ratios. A model config carries one dict per modality that is
+    validated against it; all fields need defaults so that ``options()`` is a working default.
+    """
+
+    name: str
+    description: str
+    input_keys: tuple[str, ...]
+    file_extensions: tuple[str, ...]
+    options: type[BaseModel]
+
+    def __post_init__(self) -> None:
+        check_modality_name(self.name)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a per-modality factory is given when a model is built."""
+
+    modality: str
+    dim: int
+    heads: int
+    depth: int
+    ffn_dim: int
+    #: 1 when one relative-position table is shared by all layers, ``depth`` for one per layer.
+    num_bias_tables: int
+    options: BaseModel
+    norm_eps: float = 1e-5
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """``build(ctx)`` returns an ``nn.Module`` following the :class:`Adapter` protocol."""
+
+    modality: str
+    build: Callable[[BuildContext], nn.Module]
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """``build(ctx)`` returns an ``nn.Module`` mapping ``[B,N,D] -> [B,N,D]``.
+
+    Optional: a modality without one gets the core GeGLU + Sub-LN FFN.
+    """
+
+    modality: str
+    build: Callable[[BuildContext], nn.Module]
+
+
+@dataclass(frozen=True)
+class MaskerSpec:
+    """``build(ctx)`` returns a :class:`Masker` for the intra-modal denoising contrast."""
+
+    modality: str
+    build: Callable[[BuildContext], Masker]
+
+
+@dataclass(frozen=True)
+class PreprocessorSpec:
+    """``build(options)`` returns a :class:`Preprocessor` (raw inputs -> tensors, collate)."""
+
+    modality: str
+    build: Callable[[BaseModel], Preprocessor]
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """A named model preset: plain data validated by ``peace_core``'s model config.
+
+    ``config`` holds ``encoder`` (sizes) and ``modalities`` (per-modality option dicts).
+    """
+
+    name: str
+    description: str
+    config: Mapping[str, Any]
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """What a checkpoint converter returns: a native config + state dict and what it did."""
+
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    mapped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    source_format: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# What built components look like
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RelativePositions:
+    """A modality's relative-position bias, as indices into learned tables.
+
+    ``index`` is ``[N,N]`` (same for every sample) or ``[B,N,N]`` long bucket indices;
+    ``tables`` holds 1 (shared by all layers) or ``depth`` ``nn.Embedding(rows, heads)``.
+    The encoder looks up table ``l`` (or 0) per layer and places the result on the diagonal
+    block of this modality's segment.
+    """
+
+    index: torch.Tensor
+    tables: Sequence[nn.Embedding]
+
+
+@dataclass
+class AdapterOutput:
+    """An adapter's output: tokens ``[B,N,D]`` (CLS first), padding mask ``[B,N]`` (True = pad)."""
+
+    tokens: torch.Tensor
+    padding_mask: torch.Tensor
+    rel_pos: RelativePositions | None = None
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """Raw collated batch -> tokens.
+
+    ``forward(batch, keep=None)``: ``batch`` is the modality's collated dict (keys as in
+    ``ModalitySpec.input_keys``). ``keep`` (``[B,K]`` long, ``-1`` = padding) selects token
+    positions to encode (the denoising student sees kept units only): embeddings, absolute
+    positions and relative-position indices are gathered at those positions, so relative distances
+    stay those of the original sequence. Position 0 is the CLS token.
+    """
+
+    def __call__(
+        self, batch: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None
+    ) -> AdapterOutput: ...
+
+
+@runtime_checkable
+class Masker(Protocol):
+    """Chooses which token positions to hide for the intra-modal denoising contrast.
+
+    Called with the modality's collated ``batch``, the adapter's ``padding_mask`` ``[B,N]`` and a
+    ``torch.Generator``; returns a bool ``[B,N]`` mask (True = hidden), never True on CLS
+    (position 0) or padding, deterministic for a given generator state. ``joint`` selects the
+    joint-view recipe; ``single_view_mask`` is the single view's mask, for recipes that
+    depend on it (e.g. a joint view hiding only what the single view showed).
+    """
+
+    def __call__(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        padding_mask: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        joint: bool = False,
+        single_view_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Preprocessor(Protocol):
+    """Raw inputs -> per-sample tensors -> collated batch.
+
+    ``__call__(item, train=False)`` accepts the modality's raw forms (paths, bytes, PIL images,
+    arrays, strings...) and returns one sample (a dict of tensors); bad input raises an error that
+    names the input. ``decoders`` maps a file extension (no dot) to a function of the file's bytes
+    returning something ``__call__`` accepts (webdataset decoding). ``collate`` pads and stacks
+    samples into the dict an adapter reads. ``examples(count, seed)`` returns varied valid raw
+    items (used by the conformance suite and smoke tests).
+    """
+
+    decoders: Mapping[str, Callable[[bytes], Any]]
+
+    def __call__(self, item: Any, *, train: bool = False) -> dict[str, torch.Tensor]: ...
+
+    def collate(self, samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]: ...
+
+    def examples(self, count: int, seed: int = 0) -> list[Any]: ...
+
+
+Register = Callable[[Any], None]
