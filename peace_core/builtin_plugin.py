@@ -1,3 +1,33 @@
-"""The core's own plugin: architecture presets and the official-checkpoint converter."""
+"""The core's own plugin: architecture presets and the official ONE-PEACE checkpoint converter.
+
+Registered through the ``peace.plugins`` entry point like any third-party plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from peace_registry.contract import ArchitectureSpec, ConvertedCheckpoint, Register
+from peace_registry.hookspecs import hookimpl
 
 PEACE_PLUGIN_API = "1.0"
+
+
+@hookimpl
+def peace_register_architectures(register: Register) -> None:
+    from peace_core.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        register(
+            ArchitectureSpec(name=name, description=preset["description"], config=preset["config"])
+        )
+
+
+@hookimpl
+def peace_convert_checkpoint(
+    checkpoint: Mapping[str, Any], source: str
+) -> ConvertedCheckpoint | None:
+    from peace_core.official import convert_official
+
+    return convert_official(checkpoint, source)

@@ -1,0 +1,88 @@
+"""peace_registry: the plugin contract, discovery and the registry of installed plugins.
+
+Importing this package is cheap (no torch, no plugin imports, no discovery): plugins are found on
+the first :func:`get_registry` call. Plugin authors need ``hookimpl`` and the contract types.
+"""
+
+from peace_registry.contract import (
+    COMPONENT_KINDS,
+    MODALITY_NAME_PATTERN,
+    PLUGIN_API_VERSION,
+    Adapter,
+    AdapterOutput,
+    AdapterSpec,
+    ArchitectureSpec,
+    BuildContext,
+    ComponentKind,
+    ConvertedCheckpoint,
+    FFNSpec,
+    Masker,
+    MaskerSpec,
+    ModalitySpec,
+    Preprocessor,
+    PreprocessorSpec,
+    Register,
+    RelativePositions,
+    check_modality_name,
+)
+from peace_registry.discovery import ComponentRecord, PluginRecord, PluginStatus
+from peace_registry.errors import (
+    CheckpointFormatError,
+    ComponentConflictError,
+    InvalidRegistrationError,
+    PeaceError,
+    PeaceWarning,
+    PluginApiVersionError,
+    PluginApiWarning,
+    PluginDisabledError,
+    PluginFailedError,
+    PluginLoadError,
+    PluginLoadWarning,
+    PluginUnavailableError,
+    UnknownComponentError,
+)
+from peace_registry.hookspecs import ENTRY_POINT_GROUP, hookimpl
+from peace_registry.registry import Registry, get_registry, reset_registry
+
+__all__ = [
+    "COMPONENT_KINDS",
+    "ENTRY_POINT_GROUP",
+    "MODALITY_NAME_PATTERN",
+    "PLUGIN_API_VERSION",
+    "Adapter",
+    "AdapterOutput",
+    "AdapterSpec",
+    "ArchitectureSpec",
+    "BuildContext",
+    "CheckpointFormatError",
+    "ComponentConflictError",
+    "ComponentKind",
+    "ComponentRecord",
+    "ConvertedCheckpoint",
+    "FFNSpec",
+    "InvalidRegistrationError",
+    "Masker",
+    "MaskerSpec",
+    "ModalitySpec",
+    "PeaceError",
+    "PeaceWarning",
+    "PluginApiVersionError",
+    "PluginApiWarning",
+    "PluginDisabledError",
+    "PluginFailedError",
+    "PluginLoadError",
+    "PluginLoadWarning",
+    "PluginRecord",
+    "PluginStatus",
+    "PluginUnavailableError",
+    "Preprocessor",
+    "PreprocessorSpec",
+    "Register",
+    "Registry",
+    "RelativePositions",
+    "UnknownComponentError",
+    "check_modality_name",
+    "get_registry",
+    "hookimpl",
+    "reset_registry",
+]

@@ -212,6 +212,13 @@ class Masker(Protocol):
         single_view_mask: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
+    def units(self, batch: Mapping[str, torch.Tensor], padding_mask: torch.Tensor) -> torch.Tensor:
+        """The masking unit of every position, ``[B,N]`` long: positions sharing an id are hidden
+        together (a word's BPE pieces; one id per patch or frame), ``-1`` where nothing may be
+        hidden (CLS, padding, EOS). The single view hides ``round(mask_ratio * #units)`` units
+        (±1), with ``mask_ratio`` read from the modality's options."""
+        ...
+
 
 @runtime_checkable
 class Preprocessor(Protocol):

@@ -1,3 +1,108 @@
-"""Entry module of the audio plugin."""
+"""Entry module of the audio plugin (``peace.plugins`` entry point ``audio``).
+
+Only cheap imports here: torch, torchaudio and soundfile are imported inside the factories.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peace_registry.contract import (
+    AdapterSpec,
+    BuildContext,
+    FFNSpec,
+    MaskerSpec,
+    ModalitySpec,
+    PreprocessorSpec,
+    Register,
+)
+from peace_registry.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from torch import nn
+
+    from peace_audio.masking import AudioBlockMasker
+    from peace_audio.preprocess import AudioPreprocessor
 
 PEACE_PLUGIN_API = "1.0"
+
+MODALITY = "audio"
+
+
+def _options(options: BaseModel):
+    from peace_audio.options import AudioOptions
+
+    if not isinstance(options, AudioOptions):
+        raise TypeError(
+            f"audio plugin: expected AudioOptions, got {type(options).__name__}; validate the "
+            "modality's option dict with AudioOptions first"
+        )
+    return options
+
+
+def build_adapter(ctx: BuildContext) -> nn.Module:
+    from peace_audio.adapter import AudioAdapter
+
+    return AudioAdapter(
+        ctx.dim,
+        ctx.heads,
+        _options(ctx.options),
+        num_bias_tables=ctx.num_bias_tables,
+        eps=ctx.norm_eps,
+        device=ctx.device,
+        dtype=ctx.dtype,
+    )
+
+
+def build_ffn(ctx: BuildContext) -> nn.Module:
+    from peace_core.layers import GeGLUFFN
+
+    return GeGLUFFN(ctx.dim, ctx.ffn_dim, eps=ctx.norm_eps, device=ctx.device, dtype=ctx.dtype)
+
+
+def build_masker(ctx: BuildContext) -> AudioBlockMasker:
+    from peace_audio.masking import AudioBlockMasker
+
+    return AudioBlockMasker(_options(ctx.options))
+
+
+def build_preprocessor(options: BaseModel) -> AudioPreprocessor:
+    from peace_audio.preprocess import AudioPreprocessor
+
+    return AudioPreprocessor(_options(options))
+
+
+@hookimpl
+def peace_register_modalities(register: Register) -> None:
+    from peace_audio.options import AudioOptions
+
+    register(
+        ModalitySpec(
+            name=MODALITY,
+            description="16 kHz audio clips (ONE-PEACE A-adapter: conv features + conv positions)",
+            input_keys=("waveform", "lengths"),
+            file_extensions=("wav", "flac", "ogg", "mp3"),
+            options=AudioOptions,
+        )
+    )
+
+
+@hookimpl
+def peace_register_adapters(register: Register) -> None:
+    register(AdapterSpec(modality=MODALITY, build=build_adapter))
+
+
+@hookimpl
+def peace_register_ffns(register: Register) -> None:
+    register(FFNSpec(modality=MODALITY, build=build_ffn))
+
+
+@hookimpl
+def peace_register_maskers(register: Register) -> None:
+    register(MaskerSpec(modality=MODALITY, build=build_masker))
+
+
+@hookimpl
+def peace_register_preprocessors(register: Register) -> None:
+    register(PreprocessorSpec(modality=MODALITY, build=build_preprocessor))

@@ -1,3 +1,98 @@
-"""Entry module of the text plugin."""
+"""Entry module of the text plugin (``peace.plugins`` entry point ``text``).
+
+Only cheap imports here: torch and tokenizers are imported inside the factories.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peace_registry.contract import (
+    AdapterSpec,
+    BuildContext,
+    FFNSpec,
+    MaskerSpec,
+    ModalitySpec,
+    PreprocessorSpec,
+    Register,
+)
+from peace_registry.hookspecs import hookimpl
+from peace_text.options import TextOptions
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from torch import nn
+
+    from peace_text.masking import WholeWordMasker
+    from peace_text.preprocess import TextPreprocessor
 
 PEACE_PLUGIN_API = "1.0"
+
+MODALITY = "text"
+
+
+def _options(options: BaseModel) -> TextOptions:
+    if not isinstance(options, TextOptions):
+        raise TypeError(
+            f"text plugin: expected TextOptions, got {type(options).__name__}; validate the "
+            "modality's option dict with TextOptions first"
+        )
+    return options
+
+
+def build_adapter(ctx: BuildContext) -> nn.Module:
+    from peace_text.adapter import TextAdapter
+
+    _options(ctx.options)
+    return TextAdapter.from_context(ctx)
+
+
+def build_ffn(ctx: BuildContext) -> nn.Module:
+    from peace_core.layers import GeGLUFFN
+
+    return GeGLUFFN(ctx.dim, ctx.ffn_dim, eps=ctx.norm_eps, device=ctx.device, dtype=ctx.dtype)
+
+
+def build_masker(ctx: BuildContext) -> WholeWordMasker:
+    from peace_text.masking import WholeWordMasker
+
+    return WholeWordMasker.from_options(_options(ctx.options))
+
+
+def build_preprocessor(options: BaseModel) -> TextPreprocessor:
+    from peace_text.preprocess import TextPreprocessor
+
+    return TextPreprocessor(_options(options))
+
+
+@hookimpl
+def peace_register_modalities(register: Register) -> None:
+    register(
+        ModalitySpec(
+            name=MODALITY,
+            description="text (ONE-PEACE L-adapter: GPT-2 BPE ids, learned positions)",
+            input_keys=("tokens", "word_start"),
+            file_extensions=("txt", "json"),
+            options=TextOptions,
+        )
+    )
+
+
+@hookimpl
+def peace_register_adapters(register: Register) -> None:
+    register(AdapterSpec(modality=MODALITY, build=build_adapter))
+
+
+@hookimpl
+def peace_register_ffns(register: Register) -> None:
+    register(FFNSpec(modality=MODALITY, build=build_ffn))
+
+
+@hookimpl
+def peace_register_maskers(register: Register) -> None:
+    register(MaskerSpec(modality=MODALITY, build=build_masker))
+
+
+@hookimpl
+def peace_register_preprocessors(register: Register) -> None:
+    register(PreprocessorSpec(modality=MODALITY, build=build_preprocessor))

@@ -1,0 +1,147 @@
+"""Forward+backward time (and CUDA peak memory) of a FusionEncoder under each attention backend.
+
+Every available backend runs in the same process on the same weights and inputs, with ``math``
+(the readable reference) as the baseline row:
+
+    python benchmarks/attention.py                       # CPU: math vs sdpa, a 2-layer base slice
+    python benchmarks/attention.py --device cuda --depth 12 --dtype bf16   # + xformers
+
+The joint input is one image-like segment of ``--tokens`` tokens with a shared relative-position
+table and a few padded keys, as in real batches, so the attention bias path is exercised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peace_core.attention import resolve_backend
+from peace_core.config import EncoderConfig
+from peace_core.encoder import FusionEncoder, Segment
+from peace_core.layers import GeGLUFFN
+from peace_registry.contract import RelativePositions
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Result:
+    backend: str
+    median_ms: float
+    peak_mib: float | None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--ffn-dim", type=int, default=3072)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=257, help="sequence length T (CLS included)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per backend")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--backends", default="math,sdpa,xformers", help="comma-separated; unavailable ones skipped"
+    )
+    return parser.parse_args(argv)
+
+
+def make_inputs(args: argparse.Namespace, device: torch.device) -> list[Segment]:
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(args.batch, args.tokens, args.dim, generator=gen).to(device)
+    mask = torch.zeros(args.batch, args.tokens, dtype=torch.bool, device=device)
+    mask[-1, -args.tokens // 8 :] = True  # one sample with padded keys
+    rows = 64
+    table = nn.Embedding(rows, args.heads, device=device)
+    nn.init.normal_(table.weight, std=0.1)
+    positions = torch.arange(args.tokens, device=device)
+    index = (positions[:, None] - positions[None, :]).clamp(-31, 31) + 31
+    return [Segment("vision", tokens, mask, RelativePositions(index, [table]))]
+
+
+def time_backend(
+    encoder: FusionEncoder,
+    segments: list[Segment],
+    backend: str,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> Result:
+    encoder.set_attention_backend(backend)
+    autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(args.warmup + args.steps):
+        encoder.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            out = encoder(segments)
+        out.hidden[0].float().square().mean().backward()
+        if cuda:
+            torch.cuda.synchronize(device)
+        if step >= args.warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return Result(backend, statistics.median(times), peak)
+
+
+def available(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when ``backend`` can run here, else why not."""
+    try:
+        resolve_backend(backend, device, dtype)
+    except (ValueError, RuntimeError) as error:
+        return str(error)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = EncoderConfig(
+        dim=args.dim, depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim, attention="math"
+    )
+    encoder = FusionEncoder(
+        config, {"vision": lambda: GeGLUFFN(args.dim, args.ffn_dim, device=device)}, device=device
+    ).train()
+    segments = make_inputs(args, device)
+    print(
+        f"FusionEncoder dim={args.dim} depth={args.depth} heads={args.heads} ffn={args.ffn_dim} "
+        f"T={args.tokens} B={args.batch} on {device} ({args.dtype}), "
+        f"median of {args.steps} fwd+bwd steps"
+    )
+    results: list[Result] = []
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        reason = available(backend, device, DTYPES[args.dtype])
+        if reason is not None:
+            print(f"  skipping {backend}: {reason}")
+            continue
+        results.append(time_backend(encoder, segments, backend, args, device))
+    if not results:
+        print("no backend could run", file=sys.stderr)
+        return 1
+    baseline = next((r for r in results if r.backend == "math"), results[0])
+    header = f"{'backend':<10}{'ms/step':>10}{'vs ' + baseline.backend:>10}{'peak MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
+        speedup = baseline.median_ms / r.median_ms
+        print(f"{r.backend:<10}{r.median_ms:>10.1f}{speedup:>9.2f}x{peak:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Data: the webdataset pipeline (mixing, resampling, bad-sample accounting) and the synthetic
+dataset of the demo.
+
+Names load on first use, so that importing this package (e.g. for ``peace --help``) is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataConfig": "peace_core.data.config",
+    "DatasetConfig": "peace_core.data.config",
+    "expand_shards": "peace_core.data.config",
+    "DataStats": "peace_core.data.stats",
+    "DatasetCounts": "peace_core.data.stats",
+    "TooManyBadSamplesError": "peace_core.data.stats",
+    "BadSample": "peace_core.data.samples",
+    "SampleDecoder": "peace_core.data.samples",
+    "DataPosition": "peace_core.data.pipeline",
+    "WebDataLoader": "peace_core.data.pipeline",
+    "WebDataPipeline": "peace_core.data.pipeline",
+    "preprocessors_from_registry": "peace_core.data.pipeline",
+    "sequential_loader": "peace_core.data.pipeline",
+    "SynthConfig": "peace_core.data.synth",
+    "synthesize": "peace_core.data.synth",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'peace_core.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

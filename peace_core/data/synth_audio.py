@@ -1,0 +1,216 @@
+"""Synthetic sounds: tones, chirps, beeps, noise bursts, clicks and sirens over background noise.
+
+A sound is (kind, pitch, count, length, loudness, and a direction for chirps). The class for
+zero-shot classification is the kind; captions name every attribute with varied wording.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import soundfile
+
+SAMPLE_RATE = 16_000
+
+#: Sound kinds are the classes; their order fixes the class labels.
+KINDS = ("tone", "chirp", "beeps", "noise", "clicks", "siren")
+#: Kinds made of separate events, with the event counts they may have.
+COUNTED_KINDS: dict[str, tuple[int, ...]] = {
+    "beeps": (1, 2, 3, 4),
+    "noise": (1, 2, 3),
+    "clicks": (2, 3, 4, 5),
+}
+#: Base frequency ranges in Hz.
+PITCHES: dict[str, tuple[float, float]] = {
+    "low": (150.0, 300.0),
+    "mid": (450.0, 800.0),
+    "high": (1300.0, 2400.0),
+}
+#: Peak amplitude ranges.
+LOUDNESS: dict[str, tuple[float, float]] = {"quiet": (0.12, 0.22), "loud": (0.55, 0.8)}
+#: Event durations in seconds: (for continuous kinds, for one event of a counted kind).
+LENGTHS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "short": ((0.35, 0.6), (0.06, 0.12)),
+    "long": ((0.9, 1.4), (0.18, 0.28)),
+}
+DIRECTIONS = ("rising", "falling")
+
+#: (singular, plural) nouns per kind.
+NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "tone": (("tone", "tones"), ("pure tone", "pure tones"), ("steady tone", "steady tones")),
+    "chirp": (("chirp", "chirps"), ("sweep", "sweeps"), ("glide", "glides")),
+    "beeps": (("beep", "beeps"), ("bleep", "bleeps")),
+    "noise": (("noise burst", "noise bursts"), ("burst of static", "bursts of static")),
+    "clicks": (("click", "clicks"), ("tick", "ticks"), ("knock", "knocks")),
+    "siren": (("siren", "sirens"), ("wailing siren", "wailing sirens")),
+}
+SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
+    "pitch": {
+        "low": ("low", "low-pitched", "deep"),
+        "mid": ("medium-pitched", "mid-range", "middle-pitched"),
+        "high": ("high", "high-pitched", "shrill"),
+    },
+    "loudness": {"quiet": ("quiet", "soft", "faint"), "loud": ("loud", "strong", "powerful")},
+    "length": {"short": ("short", "brief", "quick"), "long": ("long", "sustained", "drawn-out")},
+    "direction": {"rising": ("rising", "upward"), "falling": ("falling", "downward")},
+}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+
+#: Templates for one continuous sound ({noun} singular) and for counted events ({nouns} plural).
+SINGLE_TEMPLATES = (
+    "a {length} {loudness} {pitch} {noun}.",
+    "the sound of a {pitch} {noun} that is {loudness} and {length}.",
+    "{loudness}, {pitch} {noun}, {length}.",
+    "a {pitch} {noun}, {length} and {loudness}, over background noise.",
+    "you can hear a {loudness} {length} {pitch} {noun}.",
+)
+COUNTED_TEMPLATES = (
+    "{count} {loudness} {pitch} {nouns}.",
+    "the sound of {count} {length} {nouns}, {loudness} and {pitch}.",
+    "{loudness} {pitch} {nouns}, {count} in total, each {length}.",
+    "{count} {length} {pitch} {nouns} that are {loudness}.",
+    "a recording of {count} {nouns}: {pitch}, {loudness}, {length}.",
+)
+SINGLE_EVENT_TEMPLATES = (
+    "a single {length} {loudness} {pitch} {noun}.",
+    "one {pitch} {noun}, {loudness} and {length}.",
+    "the sound of one {loudness} {length} {pitch} {noun}.",
+)
+
+PROMPT_TEMPLATES = (
+    "this is a sound of {}.",
+    "the sound of {}.",
+    "a recording of {}.",
+    "{} can be heard.",
+    "an audio clip of {}.",
+)
+
+
+@dataclass(frozen=True)
+class Sound:
+    kind: str
+    pitch: str
+    count: int
+    length: str
+    loudness: str
+    direction: str | None = None  # chirps only
+
+    @property
+    def label(self) -> int:
+        return KINDS.index(self.kind)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "pitch": self.pitch,
+            "count": self.count,
+            "length": self.length,
+            "loudness": self.loudness,
+            "direction": self.direction,
+            "class": self.kind,
+            "label": self.label,
+        }
+
+
+def random_sound(rng: np.random.Generator, kind: str | None = None) -> Sound:
+    kind = kind if kind is not None else str(rng.choice(KINDS))
+    if kind not in KINDS:
+        raise ValueError(f"unknown sound kind {kind!r}; expected one of {KINDS}")
+    return Sound(
+        kind=kind,
+        pitch=str(rng.choice(list(PITCHES))),
+        count=int(rng.choice(COUNTED_KINDS[kind])) if kind in COUNTED_KINDS else 1,
+        length=str(rng.choice(list(LENGTHS))),
+        loudness=str(rng.choice(list(LOUDNESS))),
+        direction=str(rng.choice(DIRECTIONS)) if kind == "chirp" else None,
+    )
+
+
+def sound_caption(sound: Sound, rng: np.random.Generator) -> str:
+    words = {
+        attribute: str(rng.choice(SYNONYMS[attribute][getattr(sound, attribute)]))
+        for attribute in ("pitch", "loudness", "length")
+    }
+    singular, plural = NOUNS[sound.kind][int(rng.integers(len(NOUNS[sound.kind])))]
+    if sound.direction is not None:
+        adjective = str(rng.choice(SYNONYMS["direction"][sound.direction]))
+        singular, plural = f"{adjective} {singular}", f"{adjective} {plural}"
+    if sound.kind not in COUNTED_KINDS:
+        template = rng.choice(SINGLE_TEMPLATES)
+    elif sound.count == 1:
+        template = rng.choice(SINGLE_EVENT_TEMPLATES)
+    else:
+        template = rng.choice(COUNTED_TEMPLATES)
+    text = str(template).format(
+        noun=singular, nouns=plural, count=COUNT_WORDS[sound.count], **words
+    )
+    text = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+    return text[0].upper() + text[1:]
+
+
+def _envelope(length: int, fade: int) -> np.ndarray:
+    """Flat with short linear fades, so events start and stop without clicks."""
+    fade = max(1, min(fade, length // 2))
+    envelope = np.ones(length, dtype=np.float64)
+    ramp = np.linspace(0.0, 1.0, fade)
+    envelope[:fade] = ramp
+    envelope[length - fade :] = ramp[::-1]
+    return envelope
+
+
+def _event(sound: Sound, rng: np.random.Generator, seconds: float, base: float) -> np.ndarray:
+    """One event of ``seconds`` at base frequency ``base``, peak 1."""
+    n = max(2, round(seconds * SAMPLE_RATE))
+    t = np.arange(n) / SAMPLE_RATE
+    if sound.kind in ("tone", "beeps"):
+        wave = np.sin(2 * np.pi * base * t) + 0.25 * np.sin(4 * np.pi * base * t)
+    elif sound.kind == "chirp":
+        start, end = (base, base * 3) if sound.direction == "rising" else (base * 3, base)
+        freq = start * (end / start) ** (t / t[-1])  # exponential sweep
+        wave = np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE)
+    elif sound.kind == "siren":
+        rate = rng.uniform(2.0, 5.0)
+        freq = base * (1 + 0.3 * np.sin(2 * np.pi * rate * t))
+        wave = np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE)
+    elif sound.kind == "noise":  # white noise ring-modulated around the base frequency
+        wave = rng.normal(0, 1, n) * (0.5 + 0.5 * np.sin(2 * np.pi * base * t))
+    elif sound.kind == "clicks":  # a struck, quickly decaying partial
+        wave = np.sin(2 * np.pi * base * t) * np.exp(-t / 0.015)
+    else:
+        raise ValueError(f"unknown sound kind {sound.kind!r}")
+    wave = wave * _envelope(n, SAMPLE_RATE // 200)
+    return wave / max(np.abs(wave).max(), 1e-9)
+
+
+def render_sound(sound: Sound, rng: np.random.Generator) -> np.ndarray:
+    """Mono float32 at 16 kHz, 1–2 s: the events placed at random, over background noise."""
+    base = rng.uniform(*PITCHES[sound.pitch])
+    peak = rng.uniform(*LOUDNESS[sound.loudness])
+    continuous, counted = LENGTHS[sound.length]
+    if sound.kind in COUNTED_KINDS:
+        seconds = rng.uniform(*counted)
+        gap = rng.uniform(0.08, 0.18)
+        events = [_event(sound, rng, seconds, base) for _ in range(sound.count)]
+        span = sum(len(e) for e in events) + round(gap * SAMPLE_RATE) * (sound.count - 1)
+    else:
+        events = [_event(sound, rng, rng.uniform(*continuous), base)]
+        gap = 0.0
+        span = len(events[0])
+    # Usually 1-2 s; a few long click trains need a little more room.
+    total = max(round(rng.uniform(1.0, 2.0) * SAMPLE_RATE), span + SAMPLE_RATE // 20)
+    clip = rng.normal(0, rng.uniform(0.004, 0.02), total)
+    start = int(rng.integers(0, max(1, total - span)))
+    for event in events:
+        clip[start : start + len(event)] += peak * event
+        start += len(event) + round(gap * SAMPLE_RATE)
+    return np.clip(clip, -1.0, 1.0).astype(np.float32)
+
+
+def encode_flac(wave: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()

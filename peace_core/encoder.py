@@ -1,0 +1,388 @@
+"""The modality fusion encoder (spec §2): shared attention, per-modality FFNs, explicit routing.
+
+A forward takes a sequence of :class:`Segment` (one per modality's tokens, in order), concatenates
+them into one joint sequence and runs the blocks over it. Every block's attention is shared; its FFN
+step applies each segment's own modality FFN to that segment's slice. Relative-position biases are
+assembled block-diagonally (cross-modal blocks 0) and padded keys are masked with ``-inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from peace_core.attention import BACKEND_NAMES, attend, resolve_backend
+from peace_core.config import EncoderConfig
+from peace_core.init import init_fusion_weights
+from peace_core.layers import DropPath, LayerScale
+from peace_registry.contract import AdapterOutput, RelativePositions, check_modality_name
+
+#: ``(modality, length)`` of every segment of a joint sequence, in order.
+Routes = tuple[tuple[str, int], ...]
+
+
+@dataclass
+class Segment:
+    """One modality's part of a joint sequence.
+
+    ``tokens`` ``[B,N,D]``; ``padding_mask`` ``[B,N]`` bool (True = padding); ``rel_pos`` the
+    modality's relative-position bias (indices into learned tables) or None for no bias.
+    """
+
+    modality: str
+    tokens: torch.Tensor
+    padding_mask: torch.Tensor
+    rel_pos: RelativePositions | None = None
+
+    @classmethod
+    def from_adapter(cls, modality: str, output: AdapterOutput) -> Segment:
+        return cls(modality, output.tokens, output.padding_mask, output.rel_pos)
+
+
+@dataclass
+class FusionOutput:
+    """What :class:`FusionEncoder` returns.
+
+    ``hidden``: per segment ``[B,N,D]``, after that modality's final LayerNorm. ``padding_mask``:
+    per segment ``[B,N]``. ``layer_states``: the joint sequence ``[B,T,D]`` after every block
+    (before the final norms), when asked for.
+    """
+
+    hidden: list[torch.Tensor]
+    padding_mask: list[torch.Tensor]
+    layer_states: list[torch.Tensor] | None = None
+
+
+class SharedAttention(nn.Module):
+    """Multi-head self-attention shared by all modalities, with a Sub-LN before ``out_proj``.
+
+    ``k_proj`` has no bias (a key bias shifts every score of a query equally, so it is redundant).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        eps: float = 1e-5,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"SharedAttention: dim ({dim}) must be divisible by heads ({heads})")
+        _check_backend_name(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.backend = backend
+        self.q_proj = nn.Linear(dim, dim, bias=True, **factory)
+        self.k_proj = nn.Linear(dim, dim, bias=False, **factory)
+        self.v_proj = nn.Linear(dim, dim, bias=True, **factory)
+        self.inner_norm = nn.LayerNorm(dim, eps=eps, **factory)
+        self.out_proj = nn.Linear(dim, dim, bias=True, **factory)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        split_heads = "b n (h d) -> b h n d"
+        q = rearrange(self.q_proj(x), split_heads, h=self.heads)
+        k = rearrange(self.k_proj(x), split_heads, h=self.heads)
+        v = rearrange(self.v_proj(x), split_heads, h=self.heads)
+        backend = resolve_backend(self.backend, q.device, q.dtype)
+        out = rearrange(attend(q, k, v, bias, backend), "b h n d -> b n (h d)")
+        return self.out_proj(self.inner_norm(out))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, backend={self.backend!r}"
+
+
+class FusionBlock(nn.Module):
+    """Pre-LN block: shared attention, then each segment through its own modality's FFN."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffns: nn.ModuleDict,
+        *,
+        layer_scale_init: float | None,
+        drop_path: float = 0.0,
+        eps: float = 1e-5,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if len(ffns) == 0:
+            raise ValueError("FusionBlock: ffns must hold at least one modality FFN")
+        factory = {"device": device, "dtype": dtype}
+        self.attn_norm = nn.LayerNorm(dim, eps=eps, **factory)
+        self.attn = SharedAttention(dim, heads, eps=eps, backend=backend, **factory)
+        self.attn_scale = _layer_scale(dim, layer_scale_init, **factory)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps, **factory)
+        self.ffns = ffns
+        self.ffn_scale = _layer_scale(dim, layer_scale_init, **factory)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, routes: Routes) -> torch.Tensor:
+        x = x + self.drop_path(self.attn_scale(self.attn(self.attn_norm(x), bias)))
+        return x + self.drop_path(self.ffn_scale(self._route_ffns(self.ffn_norm(x), routes)))
+
+    def _route_ffns(self, h: torch.Tensor, routes: Routes) -> torch.Tensor:
+        lengths = [length for _, length in routes]
+        if sum(lengths) != h.shape[1]:
+            raise ValueError(
+                f"FusionBlock: segment lengths {lengths} sum to {sum(lengths)}, but the joint "
+                f"sequence has {h.shape[1]} tokens"
+            )
+        parts = torch.split(h, lengths, dim=1)
+        outputs = [self.ffns[modality](part) for (modality, _), part in zip(routes, parts)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+class FusionEncoder(nn.Module):
+    """``config.depth`` fusion blocks plus one final LayerNorm per modality.
+
+    ``ffn_factories`` maps each modality to a zero-argument callable returning a fresh FFN module
+    (``[B,N,D] -> [B,N,D]``); it is called once per block. All Linear/LayerNorm/LayerScale weights,
+    FFNs included, are initialised by :func:`peace_core.init.init_fusion_weights`.
+    """
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        ffn_factories: Mapping[str, Callable[[], nn.Module]],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not ffn_factories:
+            raise ValueError("FusionEncoder: ffn_factories must name at least one modality")
+        for name in ffn_factories:
+            check_modality_name(name)
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(
+            FusionBlock(
+                config.dim,
+                config.heads,
+                _build_ffns(ffn_factories),
+                layer_scale_init=config.layer_scale_init,
+                drop_path=rate,
+                eps=config.norm_eps,
+                backend=config.attention,
+                **factory,
+            )
+            for rate in rates
+        )
+        self.final_norms = nn.ModuleDict(
+            {
+                name: nn.LayerNorm(config.dim, eps=config.norm_eps, **factory)
+                for name in ffn_factories
+            }
+        )
+        init_fusion_weights(self)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.final_norms.keys())
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Use ``backend`` (any name accepted by the config) in every block from now on."""
+        _check_backend_name(backend)
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    def forward(
+        self,
+        segments: Sequence[Segment],
+        *,
+        return_layer_states: bool = False,
+        mask_padding: bool = True,
+    ) -> FusionOutput:
+        """Encode the joint sequence of ``segments``.
+
+        ``mask_padding=False`` lets every query attend padded keys (the official pretraining
+        decoder does this); padded input positions are zeroed before block 0 either way.
+        """
+        self._check_segments(segments)
+        routes: Routes = tuple((s.modality, s.tokens.shape[1]) for s in segments)
+        x = torch.cat([s.tokens for s in segments], dim=1)
+        padding = torch.cat([s.padding_mask for s in segments], dim=1)
+        x = x.masked_fill(padding.unsqueeze(-1), 0.0)
+        # Skipping an all-False padding mask lets SDPA pick its fastest kernels; under compile
+        # the data-dependent check is avoided (the mask is then always applied, same result).
+        if mask_padding and not torch.compiler.is_compiling():
+            mask_padding = bool(padding.any())
+
+        heads = self.config.heads
+        per_layer = any(s.rel_pos is not None and len(s.rel_pos.tables) > 1 for s in segments)
+        shared_bias = None
+        if not per_layer:
+            shared_bias = build_attention_bias(segments, 0, heads=heads, mask_padding=mask_padding)
+
+        use_checkpointing = self.config.grad_checkpointing and self.training
+        states: list[torch.Tensor] = []
+        for layer, block in enumerate(self.blocks):
+            bias = shared_bias
+            if per_layer:
+                bias = build_attention_bias(segments, layer, heads=heads, mask_padding=mask_padding)
+            if use_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, bias, routes, use_reentrant=False)
+            else:
+                x = block(x, bias, routes)
+            if return_layer_states:
+                states.append(x)
+
+        parts = torch.split(x, [length for _, length in routes], dim=1)
+        hidden = [self.final_norms[s.modality](part) for s, part in zip(segments, parts)]
+        return FusionOutput(
+            hidden=hidden,
+            padding_mask=[s.padding_mask for s in segments],
+            layer_states=states if return_layer_states else None,
+        )
+
+    def _check_segments(self, segments: Sequence[Segment]) -> None:
+        if len(segments) == 0:
+            raise ValueError("FusionEncoder: expected at least one segment, got none")
+        batch = segments[0].tokens.shape[0]
+        for i, seg in enumerate(segments):
+            where = f"FusionEncoder: segment {i} ({seg.modality!r})"
+            if seg.modality not in self.final_norms:
+                raise KeyError(
+                    f"{where}: this encoder has no FFN for that modality; it has "
+                    f"{sorted(self.final_norms.keys())}"
+                )
+            dim = self.config.dim
+            if seg.tokens.ndim != 3 or seg.tokens.shape[-1] != dim:
+                raise ValueError(
+                    f"{where}: tokens must be [B,N,{dim}], got {tuple(seg.tokens.shape)}"
+                )
+            if seg.tokens.shape[0] != batch:
+                raise ValueError(
+                    f"{where}: batch size {seg.tokens.shape[0]} differs from segment 0's {batch}"
+                )
+            mask = seg.padding_mask
+            if mask.dtype != torch.bool or mask.shape != seg.tokens.shape[:2]:
+                raise ValueError(
+                    f"{where}: padding_mask must be bool of shape {tuple(seg.tokens.shape[:2])}, "
+                    f"got {mask.dtype} of shape {tuple(mask.shape)}"
+                )
+            if seg.rel_pos is not None:
+                count = len(seg.rel_pos.tables)
+                if count not in (1, self.config.depth):
+                    raise ValueError(
+                        f"{where}: expected 1 shared or {self.config.depth} per-layer "
+                        f"relative-position tables, got {count}"
+                    )
+
+
+def build_attention_bias(
+    segments: Sequence[Segment],
+    layer: int,
+    *,
+    heads: int,
+    mask_padding: bool = True,
+) -> torch.Tensor | None:
+    """The additive attention bias of a joint sequence for block ``layer``.
+
+    Each segment's diagonal block holds its relative-position bias (table ``layer``, or table 0
+    when the segment shares one table across layers); cross-modal blocks are 0. With
+    ``mask_padding`` every padded key column is ``-inf``. Returns ``[B or 1, H, T, T]`` (batch 1
+    when every index is ``[n,n]`` and no padding is masked), ``[B,1,1,T]`` when only padding is
+    masked, or None when there is nothing to add.
+    """
+    padding = torch.cat([s.padding_mask for s in segments], dim=1)
+    batch, total = padding.shape
+    if all(s.rel_pos is None for s in segments):
+        if not mask_padding:
+            return None
+        dtype = segments[0].tokens.dtype
+        zeros = torch.zeros(batch, 1, 1, total, device=padding.device, dtype=dtype)
+        return zeros.masked_fill(padding[:, None, None, :], float("-inf"))
+
+    blocks = [_segment_bias(s, layer, heads) for s in segments]
+    bias_dtype = next(b.dtype for b in blocks if b is not None)
+    needs_batch = mask_padding or any(b is not None and b.shape[0] > 1 for b in blocks)
+    rows_batch = batch if needs_batch else 1
+    rows = []
+    offset = 0
+    for seg, block in zip(segments, blocks):
+        length = seg.tokens.shape[1]
+        if block is None:
+            block = torch.zeros(1, heads, length, length, device=padding.device, dtype=bias_dtype)
+        # Zero-pad the diagonal block out to a full [., H, n, T] row band.
+        row = F.pad(block, (offset, total - offset - length))
+        rows.append(row.expand(rows_batch, -1, -1, -1))
+        offset += length
+    bias = torch.cat(rows, dim=2)
+    if mask_padding:
+        bias = bias.masked_fill(padding[:, None, None, :], float("-inf"))
+    return bias
+
+
+def _segment_bias(segment: Segment, layer: int, heads: int) -> torch.Tensor | None:
+    """``[1 or B, H, n, n]`` relative-position bias of one segment for ``layer`` (None if none)."""
+    rel_pos = segment.rel_pos
+    if rel_pos is None:
+        return None
+    length = segment.tokens.shape[1]
+    index = rel_pos.index
+    where = f"segment {segment.modality!r}"
+    if index.shape[-2:] != (length, length) or index.ndim not in (2, 3):
+        raise ValueError(
+            f"{where}: relative-position index must be [{length},{length}] or "
+            f"[B,{length},{length}], got {tuple(index.shape)}"
+        )
+    if index.ndim == 3 and index.shape[0] != segment.tokens.shape[0]:
+        raise ValueError(
+            f"{where}: relative-position index batch {index.shape[0]} differs from the tokens' "
+            f"{segment.tokens.shape[0]}"
+        )
+    table = rel_pos.tables[layer if len(rel_pos.tables) > 1 else 0]
+    if table.embedding_dim != heads:
+        raise ValueError(
+            f"{where}: relative-position table has {table.embedding_dim} columns, "
+            f"expected one per head ({heads})"
+        )
+    values = table(index)  # [n,n,H] or [B,n,n,H]
+    if index.ndim == 2:
+        return rearrange(values, "q k h -> 1 h q k")
+    return rearrange(values, "b q k h -> b h q k")
+
+
+def _layer_scale(
+    dim: int,
+    init_value: float | None,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    if init_value is None:
+        return nn.Identity()
+    return LayerScale(dim, init_value, device=device, dtype=dtype)
+
+
+def _build_ffns(factories: Mapping[str, Callable[[], nn.Module]]) -> nn.ModuleDict:
+    ffns = {}
+    for name, make in factories.items():
+        ffn = make()
+        if not isinstance(ffn, nn.Module):
+            raise TypeError(
+                f"FusionEncoder: the FFN factory for {name!r} returned {type(ffn).__name__}, "
+                "expected an nn.Module"
+            )
+        ffns[name] = ffn
+    return nn.ModuleDict(ffns)
+
+
+def _check_backend_name(backend: str) -> None:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKEND_NAMES}")

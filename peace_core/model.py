@@ -1,0 +1,327 @@
+"""The model users hold: adapters + shared fusion encoder + per-modality heads, and its branches.
+
+``PeaceModel`` owns every module. ``model.branch("vision")`` or ``model.branch("audio", "text")``
+returns a :class:`Branch`: a plain ``nn.Module`` that *shares* (never copies) the shared attention
+and only the named modalities' adapters, FFNs, final norms and projections, so a branch kept alone
+holds only the memory it needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from peace_core.config import ModelConfig
+from peace_core.encoder import FusionEncoder, Segment
+from peace_core.init import init_fusion_weights
+from peace_core.layers import GeGLUFFN
+from peace_registry import BuildContext, Registry, get_registry
+from peace_registry.errors import PeaceError
+
+#: The official model puts text first in joint sequences; other modalities follow in branch order.
+JOINT_LEADER = "text"
+
+
+class ModelConfigError(PeaceError, ValueError):
+    """A model configuration that cannot be built."""
+
+
+@dataclass
+class ModalityOutput:
+    """One modality's result: final hidden states (CLS first), padding mask, retrieval embedding."""
+
+    hidden: torch.Tensor
+    padding_mask: torch.Tensor
+    embedding: torch.Tensor
+
+
+def _validate_options(registry: Registry, modality: str, raw: Mapping[str, Any]) -> BaseModel:
+    spec = registry.modality(modality)
+    try:
+        return spec.options.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ModelConfigError(f"invalid options for modality {modality!r}: {err}") from err
+
+
+def _order_for_joint(modalities: Iterable[str]) -> list[str]:
+    names = list(modalities)
+    return sorted(names, key=lambda name: name != JOINT_LEADER)
+
+
+class Branch(nn.Module):
+    """A model restricted to some modalities; shares its parameters with the parent model.
+
+    ``forward(batch)`` takes ``{modality: collated batch}`` and returns ``{modality:
+    ModalityOutput}``. With several modalities present and ``joint=True`` (the default for a
+    multi-modality branch) they run as ONE fused sequence (text first); otherwise each runs alone.
+    ``keep`` optionally selects token positions per modality (the denoising student's view).
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        adapters: nn.ModuleDict,
+        encoder: FusionEncoder,
+        projections: nn.ModuleDict,
+        logit_scale: nn.Parameter,
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.adapters = adapters
+        self.encoder = encoder
+        self.projections = projections
+        self.logit_scale = logit_scale
+
+    def embed(self, modality: str, hidden: torch.Tensor) -> torch.Tensor:
+        """CLS (already through the final modality LN) -> projection -> L2 normalisation."""
+        return F.normalize(self.projections[modality](hidden[:, 0]), dim=-1)
+
+    def _segments(
+        self,
+        batch: Mapping[str, Mapping[str, torch.Tensor]],
+        names: Sequence[str],
+        keep: Mapping[str, torch.Tensor] | None,
+    ) -> list[Segment]:
+        segments = []
+        for name in names:
+            out = self.adapters[name](batch[name], keep=None if keep is None else keep.get(name))
+            segments.append(Segment(name, out.tokens, out.padding_mask, out.rel_pos))
+        return segments
+
+    def forward(
+        self,
+        batch: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        joint: bool | None = None,
+        keep: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, ModalityOutput]:
+        present = [name for name in self.modalities if name in batch]
+        unknown = sorted(set(batch) - set(self.modalities))
+        if unknown:
+            raise KeyError(
+                f"batch holds modalities {unknown} that this branch does not have; "
+                f"branch modalities: {list(self.modalities)}"
+            )
+        if not present:
+            raise ValueError(f"empty batch: expected some of {list(self.modalities)}")
+        joint = len(present) > 1 if joint is None else joint
+        groups = [_order_for_joint(present)] if joint else [[name] for name in present]
+        results: dict[str, ModalityOutput] = {}
+        for names in groups:
+            output = self.encoder(self._segments(batch, names, keep))
+            for name, hidden, mask in zip(names, output.hidden, output.padding_mask):
+                results[name] = ModalityOutput(hidden, mask, self.embed(name, hidden))
+        return results
+
+
+def _share_encoder_subset(encoder: FusionEncoder, modalities: Sequence[str]) -> FusionEncoder:
+    """A new encoder object whose blocks share the shared layers and only ``modalities``' FFNs."""
+    view = copy.copy(encoder)
+    view._modules = dict(encoder._modules)
+    blocks = []
+    for block in encoder.blocks:
+        shared = copy.copy(block)
+        shared._modules = dict(block._modules)
+        shared._modules["ffns"] = nn.ModuleDict({m: block.ffns[m] for m in modalities})
+        blocks.append(shared)
+    view._modules["blocks"] = nn.ModuleList(blocks)
+    view._modules["final_norms"] = nn.ModuleDict({m: encoder.final_norms[m] for m in modalities})
+    return view
+
+
+class PeaceModel(nn.Module):
+    """Adapters, fusion encoder, final norms and projections for the configured modalities."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        registry: Registry | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        registry = registry or get_registry()
+        if not config.modalities:
+            raise ModelConfigError(
+                "a model needs at least one modality; available: "
+                + ", ".join(registry.modalities())
+            )
+        self.config = config
+        self._registry = registry
+        enc = config.encoder
+        self.options: dict[str, BaseModel] = {
+            name: _validate_options(registry, name, raw) for name, raw in config.modalities.items()
+        }
+        contexts = {
+            name: BuildContext(
+                modality=name,
+                dim=enc.dim,
+                heads=enc.heads,
+                depth=enc.depth,
+                ffn_dim=enc.ffn_dim,
+                num_bias_tables=enc.num_bias_tables,
+                options=options,
+                norm_eps=enc.norm_eps,
+                device=device,
+                dtype=dtype,
+            )
+            for name, options in self.options.items()
+        }
+        self.adapters = nn.ModuleDict(
+            {name: registry.adapter(name).build(ctx) for name, ctx in contexts.items()}
+        )
+        self.encoder = FusionEncoder(
+            enc,
+            {name: self._ffn_factory(name, ctx) for name, ctx in contexts.items()},
+            device=device,
+            dtype=dtype,
+        )
+        self.projections = nn.ModuleDict(
+            {name: nn.Linear(enc.dim, enc.dim, device=device, dtype=dtype) for name in contexts}
+        )
+        init_fusion_weights(self.projections)
+        self.logit_scale = nn.Parameter(
+            torch.tensor(config.logit_scale_init, device=device, dtype=dtype or torch.float32)
+        )
+        self._preprocessors: dict[str, Any] = {}
+
+    def _ffn_factory(self, name: str, ctx: BuildContext):
+        spec = self._registry.ffn(name)
+        if spec is not None:
+            return lambda: spec.build(ctx)
+        return lambda: GeGLUFFN(
+            ctx.dim, ctx.ffn_dim, eps=ctx.norm_eps, device=ctx.device, dtype=ctx.dtype
+        )
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.adapters.keys())
+
+    def branch(self, *modalities: str) -> Branch:
+        """A module over the shared layers and only ``modalities`` (all when none are named)."""
+        names = list(modalities) or list(self.modalities)
+        missing = [name for name in names if name not in self.adapters]
+        if missing:
+            raise KeyError(
+                f"model has no modality {missing[0]!r}; it was built with {list(self.modalities)}"
+            )
+        return Branch(
+            names,
+            nn.ModuleDict({name: self.adapters[name] for name in names}),
+            _share_encoder_subset(self.encoder, names),
+            nn.ModuleDict({name: self.projections[name] for name in names}),
+            self.logit_scale,
+        )
+
+    def forward(
+        self,
+        batch: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        joint: bool | None = None,
+        keep: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, ModalityOutput]:
+        return self.branch(*[m for m in self.modalities if m in batch]).forward(
+            batch, joint=joint, keep=keep
+        )
+
+    # ---------------------------------------------------------------- preprocessing & embedding
+
+    def preprocessor(self, modality: str):
+        """The modality's preprocessor, built once from this model's options."""
+        if modality not in self.options:
+            raise KeyError(
+                f"model has no modality {modality!r}; it was built with {list(self.modalities)}"
+            )
+        if modality not in self._preprocessors:
+            spec = self._registry.preprocessor(modality)
+            self._preprocessors[modality] = spec.build(self.options[modality])
+        return self._preprocessors[modality]
+
+    def preprocess(self, **inputs: Sequence[Any]) -> dict[str, dict[str, torch.Tensor]]:
+        """Raw inputs per modality (paths, images, arrays, strings...) -> a collated batch."""
+        batch = {}
+        for modality, items in inputs.items():
+            pre = self.preprocessor(modality)
+            batch[modality] = pre.collate([pre(item) for item in _as_list(modality, items)])
+        return batch
+
+    @torch.no_grad()
+    def encode(
+        self,
+        *,
+        batch_size: int = 32,
+        progress: bool | None = None,
+        **inputs: Sequence[Any],
+    ) -> dict[str, torch.Tensor]:
+        """Raw inputs per modality -> L2-normalised embeddings ``[N, D]`` (float32, on CPU).
+
+        Each modality is encoded on its own (the retrieval layout of the official model).
+        """
+        from tqdm.auto import tqdm
+
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        results: dict[str, torch.Tensor] = {}
+        try:
+            for modality, raw_items in inputs.items():
+                items = _as_list(modality, raw_items)
+                branch = self.branch(modality)
+                pre = self.preprocessor(modality)
+                chunks = []
+                starts = range(0, len(items), batch_size)
+                show = progress if progress is not None else len(items) > batch_size
+                for start in tqdm(starts, desc=f"encode {modality}", disable=not show):
+                    samples = [pre(item) for item in items[start : start + batch_size]]
+                    collated = _to_device(pre.collate(samples), device)
+                    chunks.append(branch({modality: collated})[modality].embedding.float().cpu())
+                dim = self.config.encoder.dim
+                results[modality] = torch.cat(chunks) if chunks else torch.empty(0, dim)
+        finally:
+            self.train(was_training)
+        return results
+
+
+def compose(
+    *embeddings: torch.Tensor, weights: Sequence[float] | None = None, mode: str = "mean"
+) -> torch.Tensor:
+    """Combine L2-normalised embeddings of several modalities into one query (renormalised).
+
+    ``mode="sum"`` adds them, ``"mean"`` averages them (same direction; kept for readability), with
+    optional per-embedding ``weights``.
+    """
+    if not embeddings:
+        raise ValueError("compose needs at least one embedding")
+    if mode not in ("mean", "sum"):
+        raise ValueError(f"mode must be 'mean' or 'sum', got {mode!r}")
+    shapes = {tuple(e.shape) for e in embeddings}
+    if len(shapes) != 1:
+        raise ValueError(f"embeddings to compose must share a shape, got {sorted(shapes)}")
+    weights = list(weights) if weights is not None else [1.0] * len(embeddings)
+    if len(weights) != len(embeddings):
+        raise ValueError(f"got {len(weights)} weights for {len(embeddings)} embeddings")
+    total = sum(w * F.normalize(e, dim=-1) for w, e in zip(weights, embeddings))
+    if mode == "mean":
+        total = total / sum(weights)
+    return F.normalize(total, dim=-1)
+
+
+def _as_list(modality: str, items: Any) -> list[Any]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(
+            f"{modality}= expects a list of inputs (e.g. {modality}=[...]), "
+            f"got {type(items).__name__}"
+        )
+    return list(items)
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}

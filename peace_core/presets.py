@@ -1,0 +1,127 @@
+"""Architecture presets as plain data.
+
+``PRESETS[name]`` is ``{"description": str, "config": dict}``; ``config`` is valid for
+:class:`peace_core.config.ModelConfig` (name, encoder sizes, per-modality option dicts).
+Modality option dicts stay empty (the plugins' defaults) unless a preset needs other sizes.
+LayerScale follows CaiT's rule of thumb (0.1 up to ~18 layers, smaller for deeper stacks), so the
+small presets learn quickly from scratch; ``one-peace-4b`` uses the official 1e-6.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any
+
+
+def _preset(
+    name: str,
+    *,
+    dim: int,
+    depth: int,
+    heads: int,
+    ffn_dim: int,
+    layer_scale_init: float,
+    drop_path: float,
+    modalities: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "encoder": {
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "ffn_dim": ffn_dim,
+            "layer_scale_init": layer_scale_init,
+            "drop_path": drop_path,
+            "rel_pos_tables": "shared",
+        },
+        "modalities": copy.deepcopy(modalities or {"vision": {}, "audio": {}, "text": {}}),
+    }
+
+
+#: The tiny preset's inputs: 64-px images (4x4 patches), a 32-channel audio extractor, and the
+#: byte-level text tokenizer, so that it needs no files and runs fast on a laptop CPU.
+_TINY_MODALITIES: dict[str, dict[str, Any]] = {
+    "vision": {"image_size": 64},
+    "audio": {
+        "feature_layers": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+        "bucket_size": 64,
+        "max_duration": 5.0,
+    },
+    "text": {
+        "vocab_size": 260,
+        "tokenizer": {"kind": "bytes"},
+        "max_positions": 130,
+        "bucket_size": 32,
+        "max_tokens": 96,
+    },
+}
+
+
+_DESCRIPTIONS: dict[str, str] = {
+    "tiny": "64-d, 2 layers, 4 heads: CPU tests and the demo (seconds per step)",
+    "small": "384-d, 12 layers, 6 heads: a small model for a single GPU",
+    "base": "768-d, 12 layers, 12 heads: ViT-B-sized fusion encoder",
+    "large": "1024-d, 24 layers, 16 heads: ViT-L-sized fusion encoder",
+    "one-peace-4b": (
+        "the official ONE-PEACE: 1536-d, 40 layers, 24 heads, FFN 6144 (≈3.9 B parameters with "
+        "vision, audio and text)"
+    ),
+}
+
+_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": _preset(
+        "tiny",
+        dim=64,
+        depth=2,
+        heads=4,
+        ffn_dim=128,
+        layer_scale_init=0.1,
+        drop_path=0.0,
+        modalities=_TINY_MODALITIES,
+    ),
+    "small": _preset(
+        "small", dim=384, depth=12, heads=6, ffn_dim=1536, layer_scale_init=0.1, drop_path=0.1
+    ),
+    "base": _preset(
+        "base", dim=768, depth=12, heads=12, ffn_dim=3072, layer_scale_init=0.1, drop_path=0.1
+    ),
+    "large": _preset(
+        "large", dim=1024, depth=24, heads=16, ffn_dim=4096, layer_scale_init=1e-5, drop_path=0.2
+    ),
+    "one-peace-4b": _preset(
+        "one-peace-4b",
+        dim=1536,
+        depth=40,
+        heads=24,
+        ffn_dim=6144,
+        layer_scale_init=1e-6,
+        drop_path=0.4,
+    ),
+}
+
+#: name -> {"description": one line, "config": a ModelConfig-shaped dict}.
+PRESETS: dict[str, dict[str, Any]] = {
+    name: {"description": _DESCRIPTIONS[name], "config": config}
+    for name, config in _CONFIGS.items()
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown preset {name!r}: available presets are {sorted(PRESETS)}{hint}")
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A deep copy of preset ``name``'s ModelConfig dict (safe to modify)."""
+    _check_name(name)
+    return copy.deepcopy(PRESETS[name]["config"])
+
+
+def describe(name: str) -> str:
+    """One line saying what preset ``name`` is for."""
+    _check_name(name)
+    return PRESETS[name]["description"]

@@ -1,0 +1,92 @@
+"""GeGLUFFN, LayerScale, DropPath and the fusion weight initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peace_core.init import LINEAR_INIT_STD, init_fusion_weights
+from peace_core.layers import DropPath, GeGLUFFN, LayerScale
+
+
+def test_geglu_ffn_structure_and_formula() -> None:
+    torch.manual_seed(0)
+    ffn = GeGLUFFN(8, 24, eps=1e-6)
+    assert ffn.wi_0.bias is None and ffn.wi_1.bias is None and ffn.wo.bias is not None
+    assert ffn.wi_0.weight.shape == (24, 8) and ffn.wo.weight.shape == (8, 24)
+    assert ffn.norm.normalized_shape == (24,) and ffn.norm.eps == 1e-6
+    nn.init.normal_(ffn.norm.weight)
+    nn.init.normal_(ffn.norm.bias)
+    x = torch.randn(2, 5, 8)
+    gated = F.gelu(x @ ffn.wi_0.weight.T, approximate="none") * (x @ ffn.wi_1.weight.T)
+    normed = F.layer_norm(gated, (24,), ffn.norm.weight, ffn.norm.bias, eps=1e-6)
+    expected = normed @ ffn.wo.weight.T + ffn.wo.bias
+    torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_geglu_ffn_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="ffn_dim"):
+        GeGLUFFN(8, 0)
+
+
+def test_geglu_ffn_device_and_dtype() -> None:
+    ffn = GeGLUFFN(4, 8, device="meta", dtype=torch.float16)
+    assert all(p.device.type == "meta" and p.dtype == torch.float16 for p in ffn.parameters())
+
+
+def test_layer_scale_multiplies_per_channel() -> None:
+    scale = LayerScale(3, 0.5)
+    assert torch.equal(scale.gamma.data, torch.full((3,), 0.5))
+    with torch.no_grad():
+        scale.gamma.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    x = torch.ones(2, 4, 3)
+    assert torch.equal(scale(x)[0, 0], torch.tensor([1.0, 2.0, 3.0]))
+    scale.reset_parameters()
+    assert torch.equal(scale.gamma.data, torch.full((3,), 0.5))
+
+
+def test_drop_path_identity_in_eval_and_at_zero() -> None:
+    x = torch.randn(4, 3, 2)
+    assert DropPath(0.0).train()(x) is x
+    assert DropPath(0.7).eval()(x) is x
+
+
+def test_drop_path_drops_whole_samples_and_rescales() -> None:
+    torch.manual_seed(0)
+    drop = DropPath(0.5).train()
+    x = torch.ones(256, 3, 2)
+    out = drop(x)
+    per_sample = out.reshape(256, -1)
+    # Each sample is either all zero or all 1/keep: the mask is [B,1,1].
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 2.0).all(1))
+    kept = (per_sample[:, 0] > 0).float().mean().item()
+    assert 0.35 < kept < 0.65
+    # Unbiased on average.
+    assert abs(out.mean().item() - 1.0) < 0.2
+
+
+def test_drop_path_rejects_bad_probability() -> None:
+    with pytest.raises(ValueError, match="DropPath"):
+        DropPath(1.0)
+
+
+def test_init_fusion_weights() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(GeGLUFFN(64, 256), LayerScale(64, 1e-3), nn.LayerNorm(64))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(5.0)
+    init_fusion_weights(module)
+    ffn, scale, norm = module
+    for linear in (ffn.wi_0, ffn.wi_1, ffn.wo):
+        w = linear.weight
+        assert w.abs().max().item() <= LINEAR_INIT_STD
+        # Truncated at ±1 std: the spread is well under 0.02 yet clearly non-zero.
+        assert 0.005 < w.std().item() < LINEAR_INIT_STD
+    assert torch.equal(ffn.wo.bias, torch.zeros(64))
+    for ln in (ffn.norm, norm):
+        assert torch.equal(ln.weight, torch.ones_like(ln.weight))
+        assert torch.equal(ln.bias, torch.zeros_like(ln.bias))
+    assert torch.equal(scale.gamma.data, torch.full((64,), 1e-3))

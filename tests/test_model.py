@@ -1,0 +1,139 @@
+"""The model users hold: create_model, branches that share parameters, encode, compose, loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peace_core import (
+    compose,
+    create_model,
+    from_pretrained,
+    list_modalities,
+    list_models,
+    save_pretrained,
+)
+from peace_core.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from peace_core.model import ModelConfigError
+from peace_registry.errors import CheckpointFormatError, UnknownComponentError
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("tiny").eval()
+
+
+def test_presets_and_modalities_are_listed():
+    assert {"tiny", "small", "base", "large", "one-peace-4b"} <= set(list_models())
+    assert {"vision", "audio", "text"} <= set(list_modalities())
+
+
+def test_create_model_errors_are_clear():
+    with pytest.raises(UnknownComponentError, match=r"did you mean 'tiny'"):
+        create_model("tinny")
+    with pytest.raises(ModelConfigError, match="did you mean 'depth'"):
+        create_model("tiny", detph=3)
+    with pytest.raises(UnknownComponentError, match="vision"):
+        create_model("tiny", modalities=["visoin"])
+
+
+def test_branch_shares_parameters_and_holds_only_its_modalities(model):
+    branch = model.branch("vision")
+    names = dict(branch.named_parameters())
+    assert not any(".text" in name or ".audio" in name for name in names)
+    own = {id(p) for p in model.parameters()}
+    assert all(id(p) in own for p in branch.parameters()), "a branch must not copy parameters"
+    shared = branch.encoder.blocks[0].attn.q_proj.weight
+    assert shared is model.encoder.blocks[0].attn.q_proj.weight
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in branch.parameters()) < total
+    with pytest.raises(KeyError, match="built with"):
+        model.branch("imu")
+
+
+def test_branch_forward_outputs(model):
+    batch = model.preprocess(
+        vision=model.preprocessor("vision").examples(2), text=["a red circle", "two blue squares"]
+    )
+    single = model.branch("vision", "text")(batch, joint=False)
+    joint = model.branch("vision", "text")(batch)
+    for out in (single, joint):
+        assert set(out) == {"vision", "text"}
+        for result in out.values():
+            assert result.hidden.shape[:2] == result.padding_mask.shape
+            assert result.embedding.shape == (2, model.config.encoder.dim)
+            assert torch.allclose(result.embedding.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # The fused sequence lets modalities see each other: joint text states differ from text alone.
+    assert not torch.allclose(single["text"].hidden, joint["text"].hidden)
+    # A single-modality branch over the same inputs equals the non-joint multi-branch output.
+    alone = model.branch("text")({"text": batch["text"]})["text"]
+    assert torch.allclose(alone.hidden, single["text"].hidden, atol=1e-6)
+    with pytest.raises(KeyError, match="does not have"):
+        model.branch("text")(batch)
+
+
+def test_encode_and_compose(model):
+    out = model.encode(text=["a dog", "a cat", "a bird"], batch_size=2)
+    assert out["text"].shape == (3, model.config.encoder.dim)
+    again = model.encode(text=["a cat"])
+    assert torch.allclose(again["text"][0], out["text"][1], atol=1e-5)
+    query = compose(out["text"][0], out["text"][1])
+    assert torch.allclose(query.norm(), torch.tensor(1.0))
+    summed = compose(out["text"][0], out["text"][1], mode="sum")
+    assert torch.allclose(query, summed, atol=1e-6)
+    with pytest.raises(TypeError, match="list of inputs"):
+        model.encode(text="a dog")
+    with pytest.raises(ValueError, match="share a shape"):
+        compose(out["text"][0], out["text"])
+
+
+def _tiny_checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(1)
+    return save_pretrained(create_model("tiny"), tmp_path / "tiny.safetensors")
+
+
+def test_native_round_trip_and_subset(tmp_path):
+    path = _tiny_checkpoint(tmp_path)
+    original = from_pretrained(path)
+    reloaded = from_pretrained(path, modalities=["text"])
+    assert reloaded.modalities == ("text",)
+    a = original.encode(text=["hello world"])["text"]
+    b = reloaded.encode(text=["hello world"])["text"]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_missing_unexpected_and_wrong_shape_keys(tmp_path):
+    path = _tiny_checkpoint(tmp_path)
+    checkpoint = read_checkpoint(path)
+    config, state = checkpoint["config"], dict(checkpoint["state_dict"])
+
+    missing = dict(state)
+    missing.pop("encoder.blocks.0.attn.q_proj.weight")
+    write_checkpoint(tmp_path / "missing.pt", config, missing)
+    with pytest.raises(CheckpointError, match=r"lacks 1 key.*blocks\.0\.attn\.q_proj\.weight"):
+        from_pretrained(tmp_path / "missing.pt")
+    with pytest.warns(UserWarning, match="fresh initialisation"):
+        from_pretrained(tmp_path / "missing.pt", strict=False)
+
+    unexpected = dict(state, **{"encoder.blocks.0.extra": torch.zeros(1)})
+    write_checkpoint(tmp_path / "unexpected.pt", config, unexpected)
+    with pytest.raises(CheckpointError, match=r"does not have: encoder\.blocks\.0\.extra"):
+        from_pretrained(tmp_path / "unexpected.pt")
+
+    wrong = dict(state, **{"projections.text.weight": torch.zeros(3, 3)})
+    write_checkpoint(tmp_path / "wrong.pt", config, wrong)
+    with pytest.raises(CheckpointError, match=r"projections\.text\.weight.*\(3, 3\).*\(64, 64\)"):
+        from_pretrained(tmp_path / "wrong.pt")
+
+
+def test_dtype_and_unknown_format(tmp_path):
+    path = _tiny_checkpoint(tmp_path)
+    half = from_pretrained(path, modalities=["text"], dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(CheckpointFormatError, match="no installed plugin recognises"):
+        from_pretrained(foreign)
