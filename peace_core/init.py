@@ -19,6 +19,8 @@ def init_fusion_weights(module: nn.Module) -> None:
     LayerScale: ``gamma`` back to its ``init_value`` (the config's ``layer_scale_init``).
     """
     for sub in module.modules():
+        if any(p.is_meta for p in sub.parameters(recurse=False)):
+            continue  # no storage to fill (a meta-device build, e.g. before loading weights)
         if isinstance(sub, nn.Linear):
             nn.init.trunc_normal_(
                 sub.weight, mean=0.0, std=LINEAR_INIT_STD, a=-LINEAR_INIT_STD, b=LINEAR_INIT_STD

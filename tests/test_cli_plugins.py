@@ -200,3 +200,15 @@ def test_a_throwaway_distribution_is_discovered_by_a_subprocess(tmp_path: Path) 
     assert plugins["sub_toy"]["status"] == "ok"
     assert plugins["sub_toy"]["registers"]["modality"] == ["sub_toy"]
     assert plugins["sub_broken"]["status"] == "failed"
+
+
+def test_a_subcommand_that_fails_to_import_does_not_break_the_others(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import peace_core.cli as cli
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ("plugins", "no_such_subcommand"))
+    assert main(["no_such_subcommand"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "the 'no_such_subcommand' command is unavailable: ModuleNotFoundError" in line
+    assert main(["plugins", "--help"]) == 0

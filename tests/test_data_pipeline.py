@@ -176,8 +176,7 @@ def write_shard(path: Path, samples: list[dict[str, Any]]) -> Path:
 def planted_shards(tmp_path: Path) -> dict[str, Path]:
     """Good samples plus one of each kind of bad sample, for images and for sounds."""
     good_images = [
-        {"__key__": f"img{i:03d}", "jpg": _jpg(i), "txt": f"picture {i}".encode()}
-        for i in range(9)
+        {"__key__": f"img{i:03d}", "jpg": _jpg(i), "txt": f"picture {i}".encode()} for i in range(9)
     ]
     # No txt, but the json holds the caption: a good sample.
     good_images.append({"__key__": "img009", "jpg": _jpg(9), "json": b'{"caption": "from json"}'})
@@ -190,13 +189,16 @@ def planted_shards(tmp_path: Path) -> dict[str, Path]:
     ]
     flac = _flac(0)
     good_sounds = [
-        {"__key__": f"snd{i:03d}", "flac": _flac(i), "txt": f"sound {i}".encode()}
-        for i in range(6)
+        {"__key__": f"snd{i:03d}", "flac": _flac(i), "txt": f"sound {i}".encode()} for i in range(6)
     ]
     bad_sounds = [{"__key__": "truncated", "flac": flac[: len(flac) // 2], "txt": b"cut"}]
     return {
-        "images": write_shard(tmp_path / "images.tar", good_images[:5] + bad_images + good_images[5:]),
-        "sounds": write_shard(tmp_path / "sounds.tar", good_sounds[:3] + bad_sounds + good_sounds[3:]),
+        "images": write_shard(
+            tmp_path / "images.tar", good_images[:5] + bad_images + good_images[5:]
+        ),
+        "sounds": write_shard(
+            tmp_path / "sounds.tar", good_sounds[:3] + bad_sounds + good_sounds[3:]
+        ),
     }
 
 
@@ -386,6 +388,12 @@ def test_exact_resume_continues_with_the_same_batches(synth_root: Path) -> None:
     assert keys(list(resumed)) == full[5:]
     assert resumed.position.epoch == 1 and resumed.position.batches_consumed == 0
 
+    at_epoch_end = loader(config)  # saved after the last batch: go straight to the next epoch
+    at_epoch_end.load_state_dict({"seed": 11, "epoch": 0, "batches_consumed": len(full)})
+    next_epoch = loader(config)
+    next_epoch.load_state_dict({"seed": 11, "epoch": 1, "batches_consumed": 0})
+    assert keys(list(at_epoch_end)) == keys(list(next_epoch))
+
 
 def test_reseed_resume_yields_the_rest_of_the_epoch_from_a_new_seed(synth_root: Path) -> None:
     config = DataConfig(
@@ -436,7 +444,9 @@ def test_bad_samples_are_skipped_and_counted_per_reason(
     )
     data = loader(config, train=False)
     seen = [m["key"] for batch in data for m in batch["meta"]]
-    assert sorted(seen) == sorted([f"img{i:03d}" for i in range(10)] + [f"snd{i:03d}" for i in range(6)])
+    assert sorted(seen) == sorted(
+        [f"img{i:03d}" for i in range(10)] + [f"snd{i:03d}" for i in range(6)]
+    )
     images, sounds = data.stats.counts("images"), data.stats.counts("sounds")
     assert images.ok == 10 and sounds.ok == 6
     assert dict(images.bad) == {
@@ -497,6 +507,25 @@ def test_error_rate_limit_aborts_naming_dataset_and_reasons(tmp_path: Path, work
     assert "undecodable jpg" in message and "limit is 20.0%" in message
 
 
+def test_collate_failure_moves_the_batch_to_the_bad_side(synth_root: Path) -> None:
+    class BrokenCollate(TextPre):
+        def collate(self, samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            raise RuntimeError("cannot stack")
+
+    data = sequential_loader(
+        str(synth_root / "train/text-*.tar"),
+        ["text"],
+        {"text": BrokenCollate()},
+        {"text": ("txt",)},
+        batch_size=8,
+        max_bad_fraction=0.99,
+    )
+    assert list(data) == []
+    counts = data.stats.counts("eval")
+    assert counts.ok == 0 and dict(counts.bad) == {"text collate failed": 32}
+    assert "RuntimeError: cannot stack" in counts.examples["text collate failed"][0]
+
+
 def test_main_process_limit_uses_the_sum_over_workers() -> None:
     stats = DataStats()
     for worker_delta in range(2):  # two workers, each under the minimum on its own
@@ -539,7 +568,7 @@ def test_shards_expand_braces_and_globs_and_name_missing_ones(synth_root: Path) 
     braces = expand_shards(str(synth_root / "train/image_text-{000000..000005}.tar"))
     assert braces == expand_shards(str(synth_root / "train/image_text-*.tar"))
     assert len(braces) == 6
-    with pytest.raises(FileNotFoundError, match="dataset 'web': shard .*missing-1.tar"):
+    with pytest.raises(FileNotFoundError, match=r"dataset 'web': shard .*missing-1\.tar"):
         expand_shards([str(synth_root / "missing-{1..2}.tar")], dataset="web")
     with pytest.raises(FileNotFoundError, match="no shard matches"):
         expand_shards(str(synth_root / "nothing-*.tar"), dataset="web")
@@ -555,7 +584,7 @@ def test_pipeline_needs_a_preprocessor_for_every_modality(synth_root: Path) -> N
 # ---- with the real plugins -------------------------------------------------------------------
 
 
-def test_real_plugins_read_the_synthetic_dataset(synth_root: Path) -> None:
+def real_preprocessors() -> tuple[dict[str, Any], dict[str, tuple[str, ...]], Any]:
     from peace_core.data import preprocessors_from_registry
     from peace_registry import UnknownComponentError, get_registry
 
@@ -570,6 +599,11 @@ def test_real_plugins_read_the_synthetic_dataset(synth_root: Path) -> None:
     preprocessors, extensions = preprocessors_from_registry(
         ["vision", "audio", "text"], registry, options
     )
+    return preprocessors, extensions, registry
+
+
+def test_real_plugins_read_the_synthetic_dataset(synth_root: Path) -> None:
+    preprocessors, extensions, registry = real_preprocessors()
     config = DataConfig(
         datasets=[
             image_dataset(synth_root),
@@ -582,7 +616,7 @@ def test_real_plugins_read_the_synthetic_dataset(synth_root: Path) -> None:
         batch_size=4,
         shuffle_buffer=8,
         epoch_samples=24,
-        workers=0,
+        workers=2,
     )
     data = WebDataLoader(config, preprocessors, extensions)
     batches = list(data)
@@ -594,3 +628,29 @@ def test_real_plugins_read_the_synthetic_dataset(synth_root: Path) -> None:
             assert all(v.shape[0] == 4 for v in collated.values() if isinstance(v, torch.Tensor))
     assert data.stats.bad_total == 0, data.stats.summary()
     assert json.loads(json.dumps(data.stats.as_dict()))
+
+
+def test_real_plugins_bad_samples_are_counted(planted_shards: dict[str, Path]) -> None:
+    preprocessors, extensions, _ = real_preprocessors()
+    config = DataConfig(
+        datasets=[
+            DatasetConfig(
+                name="images", urls=str(planted_shards["images"]), modalities=["vision", "text"]
+            ),
+            DatasetConfig(
+                name="sounds", urls=str(planted_shards["sounds"]), modalities=["audio", "text"]
+            ),
+        ],
+        batch_size=3,
+        shuffle_buffer=0,
+        workers=0,
+        max_bad_fraction=0.5,
+    )
+    data = WebDataLoader(config, preprocessors, extensions, train=False)
+    seen = {m["key"] for batch in data for m in batch["meta"]}
+    assert {f"img{i:03d}" for i in range(10)} <= seen
+    assert not {"corrupt", "nocaption", "jsonnocaption", "truncated", "badjson"} & seen
+    images, sounds = data.stats.counts("images"), data.stats.counts("sounds")
+    assert images.bad["undecodable jpg"] == 1 and images.bad["missing text"] == 2
+    assert images.bad["invalid json"] == 1
+    assert dict(sounds.bad) == {"undecodable flac": 1}

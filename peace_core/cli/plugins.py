@@ -137,8 +137,11 @@ def check_plugin(registry: Registry, record: PluginRecord) -> bool:
         if skipped:
             summary += f", skipped: {', '.join(skipped)} (nothing registered)"
         print(f"  {'FAIL' if failures else 'OK  '} modality {modality}: {summary}")
+        by_message: dict[str, list[str]] = {}  # one root cause often fails many checks
         for failure in failures:
-            print(f"    FAIL {failure.name}: {failure.message}")
+            by_message.setdefault(failure.message, []).append(failure.name)
+        for message, names in by_message.items():
+            print(f"    FAIL {', '.join(names)}: {message}")
         passed = passed and not failures
     for kind, name in record.components:
         if kind != "architecture":

@@ -16,7 +16,7 @@ _EXPORTS = {
     "DataStats": "peace_core.data.stats",
     "DatasetCounts": "peace_core.data.stats",
     "TooManyBadSamplesError": "peace_core.data.stats",
-    "BadSample": "peace_core.data.samples",
+    "BadSampleError": "peace_core.data.samples",
     "SampleDecoder": "peace_core.data.samples",
     "DataPosition": "peace_core.data.pipeline",
     "WebDataLoader": "peace_core.data.pipeline",

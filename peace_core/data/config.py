@@ -58,7 +58,9 @@ class DataConfig(StrictModel):
     batch_size: int = Field(32, gt=0, description="samples per batch (per rank)")
     shuffle_buffer: int = Field(1000, ge=0, description="samples held for shuffling; 0 disables")
     epoch_samples: int | None = Field(
-        None, gt=0, description="samples per epoch over all ranks, with resampled shards; "
+        None,
+        gt=0,
+        description="samples per epoch over all ranks, with resampled shards; "
         "None reads every shard once per epoch (no resampling)",
     )
     workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
@@ -97,7 +99,7 @@ class DataConfig(StrictModel):
 
 
 def _is_remote(url: str) -> bool:
-    # "pipe:curl ...", "http://...", "s3://...": webdataset opens these; we cannot glob or stat them.
+    # "pipe:curl ...", "http://...", "s3://...": webdataset opens these; we cannot glob or stat.
     return url.startswith("pipe:") or "://" in url
 
 

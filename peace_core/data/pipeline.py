@@ -7,9 +7,18 @@ Per dataset, in every DataLoader worker::
 
 and a seeded mixer picks which dataset the next batch comes from, so that each dataset supplies
 about ``weight / sum(weights)`` of the samples. A batch holds one dataset, hence one modality set.
-Each record carries the bad-sample counts of its worker since the previous record (see
-``stats.py``); :class:`WebDataLoader` merges them in the main process, enforces the error-rate
-limit on the totals and counts the batches handed out (the data position).
+
+Splitting by node and worker. With ``epoch_samples`` (resampled shards) every (rank, worker) draws
+its own seeded stream of shards, so any number of shards serves any number of workers, and the
+epoch is a fixed number of batches per rank (the same on every rank, as DDP needs), shared out
+among the workers. Without it, the shard list (shuffled by a seed common to all ranks) is split
+by rank and then by worker, so each shard, hence each sample, is read exactly once per epoch.
+
+Bad samples. Each record carries the counts of its worker since the previous record (a last
+record holding only ``"stats"`` carries the rest; see ``stats.py``); :class:`WebDataLoader`
+merges them in the main process, enforces the error-rate limit on the totals and counts the
+batches handed out (the data position). Workers also check their own totals, so a worker that
+meets nothing but bad data stops instead of searching forever.
 
 Determinism. Every random choice (shard resampling, shard order, shuffling, mixing) draws from
 its own ``random.Random`` seeded by (seed, epoch, rank, worker, dataset, purpose), and worker
@@ -46,7 +55,7 @@ from webdataset.tariterators import tarfile_samples
 from webdataset.utils import pytorch_worker_info
 
 from peace_core.data.config import DataConfig, DatasetConfig, expand_shards
-from peace_core.data.samples import BadSample, DecodedSample, SampleDecoder
+from peace_core.data.samples import BadSampleError, DecodedSample, SampleDecoder
 from peace_core.data.stats import DataStats
 from peace_registry.contract import Preprocessor
 from peace_registry.errors import PeaceError
@@ -184,7 +193,7 @@ class WebDataPipeline(IterableDataset):
         streams = [self._dataset_batches(d, worker, workers, counter) for d in self.config.datasets]
         quota = None
         if self.batches_per_epoch is not None:
-            quota = share_of(self.batches_per_epoch - self.resume_from, worker, workers)
+            quota = share_of(max(0, self.batches_per_epoch - self.resume_from), worker, workers)
         try:
             yield from self._mix(streams, quota, counter, worker)
         finally:
@@ -268,7 +277,7 @@ class WebDataPipeline(IterableDataset):
         for sample in _shuffled(raw, buffer, rng):
             try:
                 batch.append(self.decoder(sample, dataset.modalities))
-            except BadSample as bad:
+            except BadSampleError as bad:
                 counter.bad(name, bad.reason, bad.detail)
                 continue
             counter.ok(name)
@@ -293,7 +302,7 @@ class WebDataPipeline(IterableDataset):
             except Exception as exc:
                 # The samples were counted as good when decoded; move them to the bad side.
                 counter.ok(dataset.name, -len(samples))
-                for sample in samples:
+                for _ in samples:
                     counter.bad(dataset.name, f"{modality} collate failed", _short(exc))
                 return None
         return {
@@ -386,6 +395,10 @@ class WebDataLoader:
         self.batches_consumed = int(state["batches_consumed"])
 
     def __iter__(self) -> Iterator[Batch]:
+        total = self.pipeline.batches_per_epoch
+        if total is not None and self.batches_consumed >= total:  # saved at the end of an epoch
+            self.epoch += 1
+            self.batches_consumed = 0
         reseed = self.config.resume == "reseed" and self.pipeline.resampled
         skip = 0 if reseed else self.batches_consumed
         self.pipeline.set_epoch(self.epoch, resume_from=self.batches_consumed if reseed else 0)

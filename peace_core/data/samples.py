@@ -5,7 +5,7 @@ decoded by that modality's preprocessor ``decoders``. Two conventions come from 
 captioning datasets: ``txt`` is the caption of the ``text`` modality, and ``json`` is per-sample
 metadata (it may also carry the caption, as ``"caption"`` or ``"text"``, and a class label).
 
-Every way a sample can be unusable raises :class:`BadSample` with a short, stable ``reason``
+Every way a sample can be unusable raises :class:`BadSampleError` with a short, stable ``reason``
 (used as a counter key) and a ``detail`` saying which sample and what went wrong.
 """
 
@@ -27,7 +27,7 @@ CAPTION_JSON_FIELDS = ("caption", "text")
 METADATA_EXTENSION = "json"
 
 
-class BadSample(Exception):
+class BadSampleError(Exception):
     """A sample that cannot be used; ``reason`` is a short counter key, ``detail`` the story."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -94,9 +94,11 @@ class SampleDecoder:
         try:
             value = json.loads(raw[METADATA_EXTENSION])
         except (ValueError, TypeError) as exc:
-            raise BadSample("invalid json", f"{where}: {exc}") from exc
+            raise BadSampleError("invalid json", f"{where}: {exc}") from exc
         if not isinstance(value, dict):
-            raise BadSample("invalid json", f"{where}: expected an object, got {type(value).__name__}")
+            raise BadSampleError(
+                "invalid json", f"{where}: expected an object, got {type(value).__name__}"
+            )
         return value
 
     def _item(
@@ -108,17 +110,17 @@ class SampleDecoder:
                 continue
             try:
                 return self._decode(modality, extension, raw[extension], where)
-            except BadSample as bad:
+            except BadSampleError as bad:
                 if extension != METADATA_EXTENSION:
                     raise
                 # The json is metadata first: no usable field in it means the input is missing.
-                raise BadSample(f"missing {modality}", bad.detail) from bad
+                raise BadSampleError(f"missing {modality}", bad.detail) from bad
         if modality == TEXT_MODALITY:
             for name in CAPTION_JSON_FIELDS:
                 if isinstance(metadata.get(name), str):
                     return metadata[name]
         wanted = ", ".join(self.extensions[modality])
-        raise BadSample(f"missing {modality}", f"{where} has no {wanted} file")
+        raise BadSampleError(f"missing {modality}", f"{where} has no {wanted} file")
 
     def _decode(self, modality: str, extension: str, payload: Any, where: str) -> Any:
         decoder = self.preprocessors[modality].decoders.get(extension)
@@ -129,7 +131,7 @@ class SampleDecoder:
                 return bytes(payload).decode("utf-8")
             return payload  # the preprocessor takes bytes itself
         except Exception as exc:
-            raise BadSample(
+            raise BadSampleError(
                 f"undecodable {extension}", f"{where}: {type(exc).__name__}: {exc}"
             ) from exc
 
@@ -137,6 +139,6 @@ class SampleDecoder:
         try:
             return self.preprocessors[modality](item, train=self.train)
         except Exception as exc:
-            raise BadSample(
+            raise BadSampleError(
                 f"{modality} preprocessing failed", f"{where}: {type(exc).__name__}: {exc}"
             ) from exc

@@ -69,7 +69,7 @@ SINGLE_TEMPLATES = (
     "you can hear a {loudness} {length} {pitch} {noun}.",
 )
 COUNTED_TEMPLATES = (
-    "{count} {loudness} {pitch} {nouns}.",
+    "{count} {length} {loudness} {pitch} {nouns}.",
     "the sound of {count} {length} {nouns}, {loudness} and {pitch}.",
     "{loudness} {pitch} {nouns}, {count} in total, each {length}.",
     "{count} {length} {pitch} {nouns} that are {loudness}.",

@@ -160,7 +160,9 @@ def _background(rng: np.random.Generator, side: int) -> np.ndarray:
         (side, side), Image.BICUBIC
     )
     ramp = np.linspace(-1, 1, side)
-    gradient = rng.uniform(-15, 15) * ramp[None, :, None] + rng.uniform(-15, 15) * ramp[:, None, None]
+    gradient = (
+        rng.uniform(-15, 15) * ramp[None, :, None] + rng.uniform(-15, 15) * ramp[:, None, None]
+    )
     return np.asarray(texture, dtype=np.float32) + gradient
 
 

@@ -52,7 +52,7 @@ class ConformanceSubject:
         return self.registry.modality(self.modality)
 
     def options(self) -> BaseModel:
-        return self.spec.options(**self.option_overrides)
+        return self.spec.options(**{**self.spec.check_options, **self.option_overrides})
 
     def context(self, *, num_bias_tables: int = 1, device: str | None = None) -> BuildContext:
         return BuildContext(

@@ -67,6 +67,9 @@ class ModalitySpec:
     input_keys: tuple[str, ...]
     file_extensions: tuple[str, ...]
     options: type[BaseModel]
+    #: Option values for self-checks (the conformance suite, ``peace plugins check``): small sizes
+    #: and nothing that needs external files, for modalities whose defaults do.
+    check_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         check_modality_name(self.name)

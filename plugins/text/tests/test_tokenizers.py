@@ -127,6 +127,9 @@ def test_official_missing_files_are_named(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv(BPE_DIR_ENV, raising=False)
     with pytest.raises(OfficialTokenizerError, match=f"bpe_dir.*{BPE_DIR_ENV}"):
         build_tokenizer(TextOptions())
+    for bad in ("{}", "[1", '{"format": "peace-text-official-bpe/1", "dictionary": []}'):
+        with pytest.raises(OfficialTokenizerError, match="official tokenizer: serialized"):
+            build_tokenizer(TextOptions(tokenizer={"kind": "official", "serialized": bad}))
 
 
 def test_default_options_find_official_files_through_the_environment(

@@ -134,10 +134,12 @@ def _load_serialized(serialized: str) -> tuple[Tokenizer, tuple[str, ...]]:
             f"official tokenizer: serialized is not in the {_SERIALIZED_FORMAT!r} format "
             "(make it with OfficialTokenizer.to_options(embed=True))"
         )
-    dictionary = data.get("dictionary")
+    dictionary, bpe = data.get("dictionary"), data.get("bpe")
     if not isinstance(dictionary, list) or not all(isinstance(s, str) for s in dictionary):
         raise OfficialTokenizerError("official tokenizer: serialized 'dictionary' is not a list")
-    return Tokenizer.from_str(json.dumps(data["bpe"])), tuple(dictionary)
+    if not isinstance(bpe, dict):
+        raise OfficialTokenizerError("official tokenizer: serialized lacks the 'bpe' tokenizer")
+    return Tokenizer.from_str(json.dumps(bpe)), tuple(dictionary)
 
 
 class OfficialTokenizer(ByteLevelBPETokenizer):
