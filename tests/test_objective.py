@@ -109,7 +109,11 @@ def test_kept_positions_are_sorted_and_padded():
 # -------------------------------------------------------------------------------- no leakage
 
 
-def _masked_text_position(mask, tokens):
+def _other_id(token: torch.Tensor) -> int:
+    return 5 if int(token) == 4 else 4
+
+
+def _masked_text_position(mask):
     rows, cols = mask.nonzero(as_tuple=True)
     assert rows.numel(), "the masker hid nothing; pick another seed"
     return int(rows[0]), int(cols[0])
@@ -123,15 +127,15 @@ def test_text_student_never_sees_masked_units(objective):
     masks, pads = {"text": mask}, {"text": padding}
     with torch.no_grad():
         base = objective.encode_student({"text": batch}, masks, pads, joint=False)["text"]
-        row, pos = _masked_text_position(mask, batch["tokens"])
+        row, _ = _masked_text_position(mask)
         hidden_changed = copy.deepcopy(batch)
-        hidden_changed["tokens"][row, pos - 1] = 4 + (int(batch["tokens"][row, pos - 1]) - 3) % 250
+        for masked_row, pos in mask.nonzero().tolist():
+            token = batch["tokens"][masked_row, pos - 1]
+            hidden_changed["tokens"][masked_row, pos - 1] = _other_id(token)
         same = objective.encode_student({"text": hidden_changed}, masks, pads, joint=False)["text"]
-        kept = [p for p in base.keep[row].tolist() if p > 0 and not mask[row, p]][0]
+        kept = next(p for p in base.keep[row].tolist() if p > 0 and not mask[row, p])
         visible_changed = copy.deepcopy(batch)
-        visible_changed["tokens"][row, kept - 1] = (
-            4 + (int(batch["tokens"][row, kept - 1]) - 3) % 250
-        )
+        visible_changed["tokens"][row, kept - 1] = _other_id(batch["tokens"][row, kept - 1])
         other = objective.encode_student({"text": visible_changed}, masks, pads, joint=False)
     assert torch.equal(same.keep, base.keep)
     torch.testing.assert_close(same.hidden, base.hidden, atol=1e-6, rtol=0)
@@ -156,7 +160,7 @@ def test_vision_student_never_sees_masked_patches(objective):
     for row in range(4):
         for position in mask[row].nonzero().flatten().tolist():
             _set_patch(hidden_changed["pixels"], row, position, 5.0)
-    kept = [p for p in range(1, 17) if not mask[0, p]][0]
+    kept = next(p for p in range(1, 17) if not mask[0, p])
     _set_patch(visible_changed["pixels"], 0, kept, 5.0)
     with torch.no_grad():
         base = objective.encode_student({"vision": batch}, masks, pads, joint=False)["vision"]
@@ -450,18 +454,25 @@ def test_tiny_model_learns_with_the_full_objective():
     model = tiny_model("text", "vision", seed=1)
     objective = PretrainObjective(model)
     batch = {"text": text_batch(size=6, seed=4), "vision": vision_batch(size=6, seed=4)}
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=2e-3, weight_decay=0.0)
+    # The official peak learning rate; much larger ones let Adam collapse this tiny model.
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=5e-4, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
-    losses = []
+    history = []
     for _ in range(30):
-        loss, _ = objective(batch, gen)
+        loss, metrics = objective(batch, gen)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(value) for value in losses)
-    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert end < 0.8 * start, losses
+        history.append(metrics)
+    assert all(math.isfinite(step["loss"]) for step in history)
+
+    def mean(key, steps):
+        return sum(step[key] for step in steps) / len(steps)
+
+    start, end = history[:5], history[-5:]
+    assert mean("loss", end) < 0.8 * mean("loss", start), [step["loss"] for step in history]
+    for key in ("align:vision", "dcl:text", "dcl:vision", "dcl:joint:text", "dcl:joint:vision"):
+        assert mean(key, end) < mean(key, start), key
 
 
 # -------------------------------------------------------------------------------- bad input
@@ -473,7 +484,7 @@ def test_bad_batches_and_settings_are_named(objective, pair):
         objective({"audio": {}}, gen)
     with pytest.raises(ObjectiveInputError, match="non-empty"):
         objective({}, gen)
-    with pytest.raises(ObjectiveInputError, match="torch.Generator"):
+    with pytest.raises(ObjectiveInputError, match=r"torch\.Generator"):
         objective(pair, 0)
     three = PretrainObjective(tiny_model("text", "vision", "audio"))
     with pytest.raises(ObjectiveInputError, match="text plus one other"):

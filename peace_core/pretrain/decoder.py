@@ -187,7 +187,8 @@ class PretrainDecoder(nn.Module):
         width = self.config.dim
         content = self.embed[view.modality](view.hidden)
         # Padding slots (-1) scatter into one extra column that is dropped afterwards.
-        index = view.keep.to(content.device).masked_fill(view.keep.to(content.device) < 0, length)
+        keep = view.keep.to(content.device)
+        index = keep.masked_fill(keep < 0, length)
         base = self.mask_tokens[view.modality].to(content.dtype).expand(size, length + 1, width)
         filled = base.scatter(1, index[..., None].expand(-1, -1, width), content)[:, :length]
         return filled + self.positions[view.modality].weight[:length]

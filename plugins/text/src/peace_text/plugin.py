@@ -74,6 +74,8 @@ def peace_register_modalities(register: Register) -> None:
             input_keys=("tokens", "word_start"),
             file_extensions=("txt", "json"),
             options=TextOptions,
+            # The official tokenizer needs ONE-PEACE's BPE files; self-checks use the byte one.
+            check_options={"vocab_size": 260, "tokenizer": {"kind": "bytes"}},
         )
     )
 
