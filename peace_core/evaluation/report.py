@@ -12,11 +12,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from peace_core.evaluation.zero_shot import EvaluationResult, ModalityEmbeddings
 
 #: Metric names of a training log that are losses (plotted by :func:`plot_loss_curves`).
 LOSS_PREFIXES: tuple[str, ...] = ("loss", "align:", "dcl:")
@@ -281,3 +284,69 @@ def _save(fig: Any, plt: Any, path: str | os.PathLike[str]) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------ a whole run
+
+
+def write_evaluation_report(
+    result: EvaluationResult,
+    out: str | os.PathLike[str],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    heatmap_items: int = 24,
+) -> dict[str, Any]:
+    """Write ``metrics.json`` (plus ``extra`` fields), one confusion matrix PNG per classified
+    modality and one similarity heatmap per retrieval pair under ``out``; returns the metrics
+    with the written files listed under ``"files"``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {**(extra or {}), **result.to_dict()}
+    files: dict[str, str] = {}
+    for modality, scored in result.classification.items():
+        name = f"confusion_{modality}.png"
+        plot_confusion_matrix(
+            scored.confusion,
+            scored.classes,
+            out / name,
+            title=f"{modality}: zero-shot accuracy {100 * scored.accuracy:.1f}% "
+            f"(chance {100 * scored.chance:.1f}%)",
+        )
+        files[f"confusion:{modality}"] = name
+    for modality, item in result.data.items():
+        if item.caption_embeddings is None or not item.captions:
+            continue
+        rows, texts, columns = _first_captions(item, heatmap_items)
+        name = f"similarity_{modality}.png"
+        plot_similarity_heatmap(
+            item.embeddings[rows],
+            item.caption_embeddings[columns],
+            out / name,
+            item_labels=[_item_label(item, r) for r in rows],
+            text_labels=texts,
+            title=f"{modality}-text cosine similarity (each item's first caption on the diagonal)",
+        )
+        files[f"similarity:{modality}"] = name
+    metrics["files"] = files
+    write_metrics(metrics, out / "metrics.json")
+    return metrics
+
+
+def _item_label(item: ModalityEmbeddings, row: int) -> str:
+    """The sample key, with its class when the json names one."""
+    metadata = item.metadata[row]
+    label = next((metadata[f] for f in ("class", "label") if metadata.get(f) is not None), None)
+    return item.keys[row] if label is None else f"{item.keys[row]} ({label})"
+
+
+def _first_captions(item: ModalityEmbeddings, limit: int) -> tuple[list[int], list[str], list[int]]:
+    """The first ``limit`` items that have a caption, their first captions and caption rows."""
+    rows: list[int] = []
+    columns: list[int] = []
+    for column, owner in enumerate(item.caption_owner.tolist()):
+        if owner not in rows:
+            rows.append(owner)
+            columns.append(column)
+            if len(rows) == limit:
+                break
+    return rows, [item.captions[c] for c in columns], columns

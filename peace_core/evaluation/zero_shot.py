@@ -33,7 +33,7 @@ from peace_core.data.samples import (
     CAPTION_EXTENSION,
     METADATA_EXTENSION,
     TEXT_MODALITY,
-    BadSample,
+    BadSampleError,
     SampleDecoder,
 )
 from peace_core.evaluation.classification import (
@@ -268,7 +268,7 @@ def _take_sample(
         try:
             decoded = decoder(raw, [modality])
             captions = sample_captions(raw, decoded.meta["json"], decode_txt)
-        except BadSample as bad:
+        except BadSampleError as bad:
             skipped.add(bad.reason, bad.detail)
             continue
         except Exception as exc:  # a caption file that is not text, for instance
