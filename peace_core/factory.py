@@ -180,6 +180,14 @@ def model_from_converted(
     if missing:
         model = _materialise_missing(model, config, registry, missing, dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    still_meta = [
+        name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+    ]
+    if still_meta:  # a component keeping state outside its state dict cannot be built lazily
+        raise CheckpointError(
+            f"{source!r}: these tensors have no value after loading (a component keeps state "
+            f"outside its state dict): {', '.join(still_meta[:10])}"
+        )
     model.to(device=device, dtype=dtype)
     return model.eval()
 

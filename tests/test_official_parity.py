@@ -6,6 +6,7 @@ official implementation's outputs in fp32). Skipped when the fixture is absent.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,44 @@ def test_vision_only_load_builds_no_other_modality(inputs, expected):
     assert all(p.device.type == "cpu" for p in model.parameters())
     out = model.branch("vision")({"vision": {"pixels": inputs["image"]}})["vision"]
     _assert_close_valid(out.hidden, expected["image_hidden"], out.padding_mask, HIDDEN_TOL)
+
+
+def _vision_only_file(tmp_path):
+    """The layout of the official vision-only file: renamed keys, no text/audio/heads, a pickle."""
+    import pickle
+
+    full = torch.load(FIXTURE / "checkpoint.pt", weights_only=True)["model"]
+    renamed = {}
+    for key, value in full.items():
+        for old, new in (
+            ("encoder_wrapper.fusion_model.", "encoder."),
+            ("encoder_wrapper.image_adapter.", "image_adapter."),
+        ):
+            if key.startswith(old):
+                rest = key[len(old) :]
+                other_modality = re.search(r"(text|audio)_", rest)
+                final_norm = re.fullmatch(r"image_layer_norm\.\w+", rest)
+                if not (other_modality or final_norm):
+                    renamed[new + rest] = value
+    path = tmp_path / "one-peace-vision.pkl"
+    path.write_bytes(pickle.dumps({"model": renamed, "matching_heuristics": True}))
+    return path
+
+
+@torch.no_grad()
+def test_vision_only_official_file_loads_its_backbone(tmp_path, inputs, expected):
+    path = _vision_only_file(tmp_path)
+    with pytest.raises(Exception, match="lacks"):
+        from_pretrained(path)
+    with pytest.warns(UserWarning, match="fresh initialisation"):
+        model = from_pretrained(path, strict=False)
+    assert model.modalities == ("vision",)
+    branch = model.branch("vision")
+    adapter_out = branch.adapters["vision"]({"pixels": inputs["image"]})
+    from peace_core.encoder import Segment
+
+    segment = Segment("vision", adapter_out.tokens, adapter_out.padding_mask, adapter_out.rel_pos)
+    states = branch.encoder([segment], return_layer_states=True).layer_states
+    for layer, state in enumerate(states):
+        diff = (state - expected["image_layer_states"][layer]).abs().max().item()
+        assert diff <= HIDDEN_TOL

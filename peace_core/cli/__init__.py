@@ -16,7 +16,16 @@ from collections.abc import Sequence
 from peace_registry.errors import PeaceError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("plugins", "models", "convert", "embed", "data", "eval", "demo")
+SUBCOMMANDS: tuple[str, ...] = (
+    "plugins",
+    "models",
+    "convert",
+    "embed",
+    "data",
+    "pretrain",
+    "eval",
+    "demo",
+)
 
 #: Errors caused by user input: reported as one line, without a traceback. (KeyError and
 #: friends are left out on purpose: outside PeaceError they are bugs, and deserve a traceback.)

@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> None:
         "sample's txt file and json 'captions'/'caption'/'text' fields are its captions) and, "
         "for each modality given a prompt list, zero-shot classification of the samples whose "
         "json names a class ('class': name, or 'label': name or index into the prompt classes). "
-        "A prompt list is JSON {\"classes\": [...], \"templates\": [\"a photo of a {}.\", ...]}. "
+        'A prompt list is JSON {"classes": [...], "templates": ["a photo of a {}.", ...]}. '
         "Writes OUT/metrics.json, confusion matrix and similarity heatmap PNGs.",
     )
     parser.add_argument("checkpoint", type=Path, help="native or official checkpoint")

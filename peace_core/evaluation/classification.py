@@ -74,7 +74,9 @@ class PromptSet:
             )
         unknown = sorted(set(data) - {"classes", "templates"})
         if unknown:
-            raise PromptFileError(f"{source}: unknown field(s) {unknown}; valid: classes, templates")
+            raise PromptFileError(
+                f"{source}: unknown field(s) {unknown}; valid: classes, templates"
+            )
         classes = data.get("classes")
         templates = data.get("templates", [PLACEHOLDER])
         for name, value in (("classes", classes), ("templates", templates)):

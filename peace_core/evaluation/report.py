@@ -18,6 +18,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from peace_core.evaluation.classification import LABEL_FIELDS
+
 if TYPE_CHECKING:
     from peace_core.evaluation.zero_shot import EvaluationResult, ModalityEmbeddings
 
@@ -35,8 +37,10 @@ def _pyplot():
 
 
 def _pct(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else (
-        f"{100 * value:.1f}"
+    return (
+        "—"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{100 * value:.1f}")
     )
 
 
@@ -45,9 +49,7 @@ def _pct(value: float | None) -> str:
 
 def retrieval_table(retrieval: Mapping[str, Mapping[str, Any]]) -> Table:
     """One row per modality and direction: R@K in percent, chance in brackets."""
-    ks = sorted(
-        {int(k[2:]) for r in retrieval.values() for k in r["item_to_text"]} or {1, 5, 10}
-    )
+    ks = sorted({int(k[2:]) for r in retrieval.values() for k in r["item_to_text"]} or {1, 5, 10})
     table = Table(title="Zero-shot retrieval (recall %, chance in brackets)")
     table.add_column("pair")
     table.add_column("direction")
@@ -167,8 +169,15 @@ def plot_confusion_matrix(
         for row in range(len(classes)):
             for col in range(len(classes)):
                 colour = "white" if rates[row, col] > 0.5 else "black"
-                ax.text(col, row, int(counts[row, col]), ha="center", va="center", color=colour,
-                        fontsize=8)
+                ax.text(
+                    col,
+                    row,
+                    int(counts[row, col]),
+                    ha="center",
+                    va="center",
+                    color=colour,
+                    fontsize=8,
+                )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     return _save(fig, plt, path)
 
@@ -190,8 +199,13 @@ def plot_similarity_heatmap(
     fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * cols + 3), max(4.0, 0.3 * rows + 2)))
     image = ax.imshow(similarity, cmap="viridis", aspect="auto")
     if text_labels is not None:
-        ax.set_xticks(range(cols), labels=[_short(t) for t in text_labels], rotation=60,
-                      ha="right", fontsize=6)
+        ax.set_xticks(
+            range(cols),
+            labels=[_short(t) for t in text_labels],
+            rotation=60,
+            ha="right",
+            fontsize=6,
+        )
     ax.set_xlabel("text")
     if item_labels is not None:
         ax.set_yticks(range(rows), labels=[_short(t) for t in item_labels], fontsize=6)
@@ -335,7 +349,7 @@ def write_evaluation_report(
 def _item_label(item: ModalityEmbeddings, row: int) -> str:
     """The sample key, with its class when the json names one."""
     metadata = item.metadata[row]
-    label = next((metadata[f] for f in ("class", "label") if metadata.get(f) is not None), None)
+    label = next((metadata[f] for f in LABEL_FIELDS if metadata.get(f) is not None), None)
     return item.keys[row] if label is None else f"{item.keys[row]} ({label})"
 
 

@@ -31,7 +31,6 @@ from webdataset.tariterators import tarfile_samples
 from peace_core.data.config import expand_shards
 from peace_core.data.samples import (
     CAPTION_EXTENSION,
-    METADATA_EXTENSION,
     TEXT_MODALITY,
     BadSampleError,
     SampleDecoder,
@@ -168,9 +167,7 @@ class _Batcher:
         return torch.cat(self.chunks) if self.chunks else torch.empty(0, width)
 
 
-def _modality_files(
-    model: PeaceModel, registry: Registry
-) -> dict[str, tuple[str, ...]]:
+def _modality_files(model: PeaceModel, registry: Registry) -> dict[str, tuple[str, ...]]:
     """The non-text modalities of the model and the file extensions each reads."""
     files = {}
     for modality in model.modalities:
@@ -203,8 +200,8 @@ def embed_shards(
         raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
     if TEXT_MODALITY not in model.modalities:
         raise EvaluationError(
-            f"zero-shot evaluation compares items with text, but the model has no {TEXT_MODALITY!r} "
-            f"modality (it has {list(model.modalities)})"
+            "zero-shot evaluation compares items with text, but the model has no "
+            f"{TEXT_MODALITY!r} modality (it has {list(model.modalities)})"
         )
     registry = registry or get_registry()
     files = _modality_files(model, registry)
