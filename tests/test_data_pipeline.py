@@ -250,6 +250,22 @@ def test_mixing_follows_weights_in_samples(synth_root: Path, batch_sizes: tuple[
     assert 0.68 < share < 0.82, samples
 
 
+def test_every_rank_picks_the_same_dataset_each_step(synth_root: Path) -> None:
+    # DDP: the aligning contrast gathers across ranks, so a step must hold one modality set.
+    config = DataConfig(
+        datasets=[image_dataset(synth_root, weight=1.0), text_dataset(synth_root, weight=1.0)],
+        batch_size=4,
+        shuffle_buffer=4,
+        epoch_samples=160,
+        workers=0,
+    )
+    ranks = [[b["dataset"] for b in loader(config, rank=r, world_size=2)] for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert set(ranks[0]) == {"images", "texts"}
+    keys_per_rank = [keys(list(loader(config, rank=r, world_size=2))) for r in (0, 1)]
+    assert keys_per_rank[0] != keys_per_rank[1]  # same datasets, different samples
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_epoch_length_is_honoured_per_rank(synth_root: Path, workers: int) -> None:
     config = DataConfig(

@@ -204,7 +204,12 @@ class WebDataPipeline(IterableDataset):
         self, streams: list[Iterator[Batch]], quota: int | None, counter: _Counter, worker: int
     ) -> Iterator[Batch]:
         odds = [d.weight / self.config.batch_size_of(d) for d in self.config.datasets]
-        rng = random.Random(self._seed(worker, "mix"))
+        # Not seeded by rank: every rank picks the same dataset for the same step, so a DDP step
+        # holds one modality set everywhere (the aligning contrast gathers across ranks). With
+        # resampled data this holds for the whole epoch; a single pass may diverge at its end.
+        rng = random.Random(
+            derive_seed(self.config.seed, self.epoch, self.resume_from, worker, "mix")
+        )
         active = list(range(len(streams)))
         produced = 0
         while active and (quota is None or produced < quota):

@@ -599,19 +599,7 @@ class Trainer:
                 resume_step=self.step if self.resumed_from is not None else None,
             )
         self._say(self._describe_setup())
-        self._warn_mixed_modalities_across_ranks()
         self._ready = True
-
-    def _warn_mixed_modalities_across_ranks(self) -> None:
-        kinds = {tuple(sorted(d.modalities)) for d in self.config.data.datasets}
-        if self.context.distributed and len(kinds) > 1:
-            self._say(
-                "warning: the datasets hold different modality sets and each rank picks its next "
-                "dataset on its own; the aligning contrast gathers embeddings across ranks, so a "
-                "step where ranks hold different modalities (or batch sizes) mixes them up. Run "
-                "one modality set per job under DDP until the mixer draws the same dataset on "
-                "every rank"
-            )
 
     def _check_data_modalities(self, model: PeaceModel) -> None:
         missing = [m for m in self.config.data.modalities if m not in model.modalities]
