@@ -10,19 +10,26 @@ PACKAGES := . $(PLUGINS)
 
 .PHONY: setup test test-fast lint demo bench clean
 
-$(VENV)/.stack-ready: requirements/stack.txt
+# No file prerequisite: the path already changes with the pins, and a fresh clone's newer file
+# times must not rebuild a venv that is already complete.
+$(VENV)/.stack-ready:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements/stack.txt
 	touch $@
 
-# Editable installs of core and every first-party plugin (no network: dependencies come from the stack).
-.venv-stamp: $(VENV)/.stack-ready pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
-	$(VENV)/bin/pip install -q --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
-	ln -sfn $(VENV) .venv
-	touch $@
+# Editable installs of core and every first-party plugin (no network: dependencies come from the
+# stack). The cached venv may be shared by several checkouts, so it records which checkout (and
+# which pyproject files) its editable installs point at, and reinstalls when that is not this one.
+OWNER := $(CURDIR) $(shell cat pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) | sha256sum | cut -c1-16)
 
-setup: .venv-stamp
+setup: $(VENV)/.stack-ready
+	@if [ "$$(cat $(VENV)/.editable-owner 2>/dev/null)" != "$(OWNER)" ]; then \
+		echo "installing peace-core and plugins (editable) into $(VENV)"; \
+		$(VENV)/bin/pip install -q --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES)) && \
+		echo "$(OWNER)" > $(VENV)/.editable-owner; \
+	fi
+	ln -sfn $(VENV) .venv
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -35,10 +42,10 @@ test-fast: setup
 	PEACE_STRICT_PLUGINS=1 $(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	$(VENV)/bin/peace demo
+	PEACE=$(VENV)/bin/peace scripts/demo.sh demo-out
 
 bench: setup
 	$(PY) benchmarks/attention.py
 
 clean:
-	rm -rf .venv .venv-stamp dist build .pytest_cache .ruff_cache
+	rm -rf .venv dist build .pytest_cache .ruff_cache
