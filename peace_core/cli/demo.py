@@ -36,9 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from peace_core.evaluation.report import print_metrics
 
     console = Console()
-    result = run_demo(
-        args.out, quick=args.quick, progress=not args.no_progress, echo=console.print
-    )
+    result = run_demo(args.out, quick=args.quick, progress=not args.no_progress, echo=console.print)
     print_metrics(result.metrics, console)
     table = Table(title=f"peace demo ({result.plan.name}): results next to chance")
     for name, justify in (("metric", "left"), ("result", "right"), ("chance", "right")):
