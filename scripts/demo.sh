@@ -13,7 +13,8 @@ $PEACE data synth "$OUT/data" --overwrite
 $PEACE pretrain configs/stage1_tiny.toml --no-progress \
     --set output_dir="$OUT/stage1" \
     --set "data.datasets.0.urls=$OUT/data/train/image_text-*.tar" \
-    --set schedule.total_steps="$STEPS1" --set data.workers=1
+    --set schedule.total_steps="$STEPS1" --set schedule.warmup_steps=$((STEPS1 / 10)) \
+    --set data.workers=1
 $PEACE pretrain configs/stage2_tiny.toml --no-progress \
     --set output_dir="$OUT/stage2" --set model.init_from="$OUT/stage1" \
     --set "data.datasets.0.urls=$OUT/data/train/audio_text-*.tar" \
