@@ -42,7 +42,7 @@ test-fast: setup
 	PEACE_STRICT_PLUGINS=1 $(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	PEACE=$(VENV)/bin/peace scripts/demo.sh demo-out
+	$(VENV)/bin/peace demo --out demo-out
 
 bench: setup
 	$(PY) benchmarks/attention.py

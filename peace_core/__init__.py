@@ -5,8 +5,7 @@ Importing ``peace_core`` is cheap: torch, the plugins and plugin discovery load 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from peace_registry.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -28,12 +27,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'peace_core' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -270,6 +270,7 @@ def _audio_options(state, enc_cfg, cfg) -> dict[str, Any]:
         "conv_pos_width": kernel * depth,
         "conv_pos_groups": pos_weight.shape[0] // pos_weight.shape[1],
         "bucket_size": (_rows(state, "audio") - 2) // 2,
+        "conv_pos_sees_padding": True,  # the official adapter's behaviour, for parity
     }
 
 

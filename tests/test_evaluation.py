@@ -176,6 +176,26 @@ def test_class_embeddings_average_normalised_prompts() -> None:
     assert torch.allclose(result, torch.tensor([[half, half, 0.0], [0.0, 0.0, 1.0]]))
 
 
+def test_a_prompt_list_may_name_its_label_field() -> None:
+    prompts = PromptSet.from_mapping({"classes": ["red", "blue"], "label_field": "colour"})
+    assert prompts.label_of({"colour": "blue", "class": "red"}) == 1  # the named field only
+    assert prompts.label_of({"class": "red"}) is None
+    with pytest.raises(LabelError, match="json colour 'green'"):
+        prompts.label_of({"colour": "green"})
+    with pytest.raises(PromptFileError, match="label_field must be a non-empty string"):
+        PromptSet.from_mapping({"classes": ["a"], "label_field": 3})
+
+
+def test_task_names_select_the_modality() -> None:
+    from peace_core.evaluation.zero_shot import EvaluationError, task_modality
+
+    assert task_modality("vision") == "vision"
+    assert task_modality("vision:colour") == "vision"
+    for bad in ("vision:", ":colour", "a:b:c"):
+        with pytest.raises(EvaluationError, match="MODALITY or MODALITY:NAME"):
+            task_modality(bad)
+
+
 def test_labels_follow_the_json_convention() -> None:
     prompts = PromptSet(("Circle", "square"))
     assert prompts.label_of({"class": "square"}) == 1
@@ -278,7 +298,11 @@ def _write_shards(root: Path) -> list[str]:
                 "__key__": f"img{index:03d}",
                 "jpg": _jpg(colours[name], index),
                 "txt": f"a {name} picture number {index}",
-                "json": {"class": name, "captions": [f"something {name}"]},
+                "json": {
+                    "class": name,
+                    "captions": [f"something {name}"],
+                    "size": ["small", "big"][index % 2],
+                },
             }
             if index == 6:
                 sample["json"] = {"class": "purple"}  # a class the prompts do not have
@@ -316,6 +340,9 @@ def test_peace_eval_end_to_end(tmp_path: Path, tiny_checkpoint: Path, capsys) ->
         json.dumps({"classes": ["red", "green", "blue"], "templates": ["a {} image", "{}"]})
     )
     (tmp_path / "audio.json").write_text(json.dumps({"classes": ["low", "high"]}))
+    (tmp_path / "size.json").write_text(
+        json.dumps({"classes": ["small", "big"], "label_field": "size"})
+    )
     out = tmp_path / "report"
     code = main(
         [
@@ -325,6 +352,7 @@ def test_peace_eval_end_to_end(tmp_path: Path, tiny_checkpoint: Path, capsys) ->
             "--prompts",
             f"vision={tmp_path / 'vision.json'}",
             f"audio={tmp_path / 'audio.json'}",
+            f"vision:size={tmp_path / 'size.json'}",
             "--out",
             str(out),
             "--batch-size",
@@ -347,12 +375,17 @@ def test_peace_eval_end_to_end(tmp_path: Path, tiny_checkpoint: Path, capsys) ->
     assert metrics["classification"]["vision"]["samples"] == 6  # "purple" is skipped
     assert metrics["classification"]["audio"]["samples"] == 4
     assert metrics["classification"]["audio"]["top5"] is None
+    # A second task on the same modality, labelled by another json field: images 0..5 have one
+    # ("purple" image 6 has none, so it is simply not classified there).
+    assert metrics["classification"]["vision:size"]["samples"] == 6
+    assert metrics["classification"]["vision:size"]["classes"] == ["small", "big"]
     assert sum(map(sum, metrics["classification"]["vision"]["confusion_matrix"])) == 6
     skipped = metrics["skipped"]["by_reason"]
     assert skipped["undecodable jpg"] == 1
     assert skipped["no item of a model modality"] == 1
     assert skipped["vision label not in prompt classes"] == 1
-    for name in ("confusion_vision", "confusion_audio", "similarity_vision", "similarity_audio"):
+    names = ("confusion_vision", "confusion_vision_size", "confusion_audio", "similarity_audio")
+    for name in (*names, "similarity_vision"):
         assert (out / f"{name}.png").is_file()
 
 
@@ -361,8 +394,10 @@ def test_peace_eval_embeddings_match_model_encode(tmp_path: Path, tiny_checkpoin
     from peace_core.factory import from_pretrained
 
     shards = _write_shards(tmp_path)
-    model = from_pretrained(tiny_checkpoint)
+    model = from_pretrained(tiny_checkpoint).train()
     result = evaluate(model, shards[1], batch_size=3)
+    assert model.training  # evaluation ran in eval mode and put the mode back
+    model.eval()
     assert set(result.retrieval) == {"audio"} and not result.classification
     direct = model.encode(audio=[_flac(200.0 * (1 + i % 2)) for i in range(4)])["audio"]
     assert torch.allclose(result.data["audio"].embeddings, direct, atol=1e-5)

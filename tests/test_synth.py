@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -116,24 +117,62 @@ def test_a_sample_does_not_depend_on_how_many_are_made() -> None:
 
 
 def _mentions(caption: str, words: tuple[str, ...]) -> bool:
-    return any(word in caption.lower() for word in words)
+    return any(re.search(rf"\b{re.escape(word)}\b", caption.lower()) for word in words)
+
+
+def _image_words_check(caption: str, meta: dict[str, Any], *, complete: bool) -> set[str]:
+    """Asserts the caption names the shape and no wrong attribute value; returns the attributes
+    it names (all of them when ``complete``)."""
+    named = set()
+    for attribute, synonyms in image.SYNONYMS.items():
+        wrong = tuple(w for value, ws in synonyms.items() if value != meta[attribute] for w in ws)
+        assert not _mentions(caption, wrong), (attribute, caption)
+        if _mentions(caption, synonyms[meta[attribute]]):
+            named.add(attribute)
+    assert "shape" in named, caption
+    if complete:
+        assert named == set(image.SYNONYMS), caption
+    return named
 
 
 def test_image_captions_name_the_attributes_in_the_json(made: tuple[Path, dict[str, Any]]) -> None:
     root, manifest = made
     captions = set()
+    named: Counter[str] = Counter()
     for name in ("train/image_text", "test/image_text"):
-        for key, sample in read_dataset(root, manifest, name).items():
+        for sample in read_dataset(root, manifest, name).values():
             meta = json.loads(sample["json"])
             caption = sample["txt"].decode()
             captions.add(caption)
-            for attribute, synonyms in image.SYNONYMS.items():
-                assert _mentions(caption, synonyms[meta[attribute]]), (key, attribute, caption)
+            named.update(_image_words_check(caption, meta, complete=False))
             assert meta["class"] == meta["shape"]
             assert meta["label"] == image.SHAPES.index(meta["shape"])
             pixels = np.asarray(Image.open(io.BytesIO(sample["jpg"])))
             assert pixels.shape == (48, 48, 3)
-    assert len(captions) == 42  # no two captions alike, even for similar scenes
+    assert len(captions) > 30  # varied: few captions alike, even for similar scenes
+    # caption_detail 0.5: each attribute besides the shape is named in about half the captions
+    assert named["shape"] == 42
+    assert all(8 <= named[a] <= 34 for a in ("colour", "size", "position")), named
+
+
+@pytest.mark.parametrize("detail", [0.0, 1.0])
+def test_caption_detail_bounds_what_captions_name(detail: float) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        scene = image.random_scene(rng)
+        caption = image.image_caption(scene, rng, detail)
+        named = _image_words_check(caption, scene.metadata(), complete=detail == 1.0)
+        assert detail == 1.0 or named == {"shape"}, caption
+        sound = audio.random_sound(rng)
+        caption = audio.sound_caption(sound, rng, detail)
+        for attribute in ("pitch", "loudness", "length"):
+            said = _mentions(caption, audio.SYNONYMS[attribute][getattr(sound, attribute)])
+            assert said == (detail == 1.0), (attribute, caption)
+
+
+def test_caption_detail_is_validated() -> None:
+    with pytest.raises(pydantic.ValidationError, match="caption_detail"):
+        SynthConfig(caption_detail=1.5)
 
 
 def test_image_shows_the_shape_in_its_colour_at_its_position() -> None:
@@ -155,13 +194,18 @@ def test_sound_captions_name_the_attributes_in_the_json(made: tuple[Path, dict[s
             nouns = tuple(noun for pair in audio.NOUNS[meta["kind"]] for noun in pair)
             assert _mentions(caption, nouns), (key, caption)
             for attribute in ("pitch", "loudness", "length"):
-                synonyms = audio.SYNONYMS[attribute][meta[attribute]]
-                assert _mentions(caption, synonyms), (key, attribute, caption)
-            if meta["kind"] in audio.COUNTED_KINDS:
-                count_words = (audio.COUNT_WORDS[meta["count"]],)
-                assert _mentions(caption, count_words + (("single",) if meta["count"] == 1 else ()))
+                wrong = tuple(
+                    word
+                    for value, words in audio.SYNONYMS[attribute].items()
+                    if value != meta[attribute]
+                    for word in words
+                )
+                assert not _mentions(caption, wrong), (key, attribute, caption)
+            wrong_counts = tuple(w for n, w in audio.COUNT_WORDS.items() if n != meta["count"])
+            assert not _mentions(caption, wrong_counts), (key, caption)
             if meta["direction"] is not None:
-                assert _mentions(caption, audio.SYNONYMS["direction"][meta["direction"]])
+                other = "falling" if meta["direction"] == "rising" else "rising"
+                assert not _mentions(caption, audio.SYNONYMS["direction"][other]), caption
             assert (
                 meta["label"] == audio.KINDS.index(meta["kind"]) and meta["class"] == meta["kind"]
             )

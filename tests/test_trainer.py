@@ -21,6 +21,8 @@ from peace_core.checkpoint import CheckpointError, read_checkpoint
 from peace_core.cli import main as peace_main
 from peace_core.config_io import ConfigError, load_config, read_config_file
 from peace_core.data import SynthConfig, synthesize
+from peace_core.pretrain.build import build_model
+from peace_core.pretrain.checkpoints import CheckpointStore
 from peace_core.pretrain.config import PretrainConfig, load_pretrain_config
 from peace_core.pretrain.freeze import FreezeConfig, apply_freeze
 from peace_core.pretrain.logging import read_metrics, tensorboard_tag, truncate_metrics
@@ -33,13 +35,8 @@ from peace_core.pretrain.optim import (
     lr_at,
     param_groups,
 )
-from peace_core.pretrain.trainer import (
-    CheckpointStore,
-    IsolatedRng,
-    Trainer,
-    build_model,
-    resolve_precision,
-)
+from peace_core.pretrain.runtime import IsolatedRng, resolve_precision
+from peace_core.pretrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -343,6 +340,28 @@ def test_example_configs_hold_the_official_hyper_parameters() -> None:
     assert stage2.objective.single_targets_from_joint == ["audio"]
     tiny2 = load_pretrain_config(REPO / "configs" / "stage2_tiny.toml")
     assert tiny2.model.init_from == "runs/stage1_tiny" and tiny2.freeze.train_only == ["audio"]
+
+
+def test_init_from_takes_the_preset_with_its_overrides(tmp_path: Path) -> None:
+    from peace_core import create_model, resolve_config, save_pretrained
+    from peace_core.pretrain.config import ModelSection
+
+    narrow = {"dim": 32, "ffn_dim": 64, "heads": 2}
+    first = create_model(resolve_config("tiny", ["vision", "text"], **narrow))
+    path = save_pretrained(first, tmp_path / "stage1.safetensors")
+    # The preset as overridden matches the checkpoint: audio is added, vision carried over.
+    section = ModelSection(
+        preset="tiny", modalities=["vision", "audio", "text"], overrides=narrow, init_from=path
+    )
+    model = build_model(section)
+    assert model.config.encoder.dim == 32 and model.modalities == ("vision", "audio", "text")
+    torch.testing.assert_close(
+        model.adapters["vision"].cls_token, first.adapters["vision"].cls_token
+    )
+    # Without the overrides the preset names another encoder: a clear error.
+    plain = section.model_copy(update={"overrides": {}})
+    with pytest.raises(ValueError, match=r"another encoder.*dim \(64 vs 32\)"):
+        build_model(plain)
 
 
 # ---- freezing (stage 2) --------------------------------------------------------------------

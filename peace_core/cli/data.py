@@ -34,6 +34,13 @@ def add_parser(subparsers: Any) -> None:
         synth.add_argument(flag, type=int, default=default, metavar="N", help=f"default {default}")
     synth.add_argument("--image-size", type=int, default=64, metavar="PX", help="default 64")
     synth.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    synth.add_argument(
+        "--caption-detail",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="probability that a caption names each attribute besides the class (default 0.5)",
+    )
     synth.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples/shard")
     synth.add_argument("--jobs", type=int, default=None, help="processes (default: one per CPU)")
     synth.add_argument(
@@ -59,6 +66,7 @@ def _synth(args: argparse.Namespace) -> int:
         texts=args.texts,
         image_size=args.image_size,
         image_format=args.image_format,
+        caption_detail=args.caption_detail,
         shard_size=args.shard_size,
     )
     start = time.perf_counter()

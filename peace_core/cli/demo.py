@@ -36,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from peace_core.evaluation.report import print_metrics
 
     console = Console()
-    result = run_demo(args.out, quick=args.quick, progress=not args.no_progress, echo=console.print)
+
+    def echo(message: str) -> None:  # plain text: "[demo]" is not rich markup
+        console.print(message, markup=False, highlight=False)
+
+    result = run_demo(args.out, quick=args.quick, progress=not args.no_progress, echo=echo)
     print_metrics(result.metrics, console)
     table = Table(title=f"peace demo ({result.plan.name}): results next to chance")
     for name, justify in (("metric", "left"), ("result", "right"), ("chance", "right")):

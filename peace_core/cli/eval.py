@@ -16,8 +16,10 @@ def add_parser(subparsers: Any) -> None:
         "retrieval (R@1/5/10 in both directions for every modality-text pair present; a "
         "sample's txt file and json 'captions'/'caption'/'text' fields are its captions) and, "
         "for each modality given a prompt list, zero-shot classification of the samples whose "
-        "json names a class ('class': name, or 'label': name or index into the prompt classes). "
-        'A prompt list is JSON {"classes": [...], "templates": ["a photo of a {}.", ...]}. '
+        "json names a class ('class': name, or 'label': name or index into the prompt classes; "
+        "or the field named by the prompt list's label_field). A prompt list is JSON "
+        '{"classes": [...], "templates": ["a photo of a {}.", ...], "label_field": "..."} '
+        "(templates and label_field optional). "
         "Writes OUT/metrics.json, confusion matrix and similarity heatmap PNGs.",
     )
     parser.add_argument("checkpoint", type=Path, help="native or official checkpoint")
@@ -29,7 +31,8 @@ def add_parser(subparsers: Any) -> None:
         nargs="+",
         default=[],
         metavar="MODALITY=FILE",
-        help="prompt lists for zero-shot classification, e.g. vision=prompts/vision.json",
+        help="prompt lists for zero-shot classification, e.g. vision=prompts/vision.json; "
+        "MODALITY:NAME=FILE adds another task on the same modality (vision:colour=colour.json)",
     )
     parser.add_argument("--out", type=Path, default=Path("eval"), help="output folder (./eval)")
     parser.add_argument("--batch-size", type=int, default=64, help="items per forward (64)")

@@ -6,8 +6,7 @@ Names load on first use, so that importing this package (e.g. for ``peace --help
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from peace_registry.lazy import lazy_exports
 
 _EXPORTS = {
     "DataConfig": "peace_core.data.config",
@@ -29,12 +28,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'peace_core.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

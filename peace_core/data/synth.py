@@ -53,6 +53,15 @@ class SynthConfig(StrictModel):
     texts: int = Field(2000, ge=0, description="text-only training captions")
     image_size: int = Field(64, ge=16, le=1024, description="side of the square images, pixels")
     image_format: Literal["jpg", "png"] = "jpg"
+    caption_detail: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "probability that a caption names each attribute besides the class (the shape or "
+            "the kind of sound); 1 names them all"
+        ),
+    )
     shard_size: int = Field(1000, gt=0, description="samples per shard")
 
     def count(self, split: str, kind: str) -> int:
@@ -82,7 +91,7 @@ def image_sample(config: SynthConfig, split: str, index: int) -> Sample:
     return {
         "__key__": f"{split}_image_{index:07d}",
         config.image_format: synth_image.encode_image(pixels, config.image_format),
-        "txt": synth_image.image_caption(scene, rng).encode("utf-8"),
+        "txt": synth_image.image_caption(scene, rng, config.caption_detail).encode("utf-8"),
         "json": _json(scene.metadata()),
     }
 
@@ -96,7 +105,7 @@ def sound_sample(config: SynthConfig, split: str, index: int) -> Sample:
     return {
         "__key__": f"{split}_sound_{index:07d}",
         "flac": synth_audio.encode_flac(wave),
-        "txt": synth_audio.sound_caption(sound, rng).encode("utf-8"),
+        "txt": synth_audio.sound_caption(sound, rng, config.caption_detail).encode("utf-8"),
         "json": _json(metadata),
     }
 
@@ -106,11 +115,11 @@ def text_sample(config: SynthConfig, split: str, index: int) -> Sample:
     rng = _rng(config, split, "text", index)
     if index % 2 == 0:
         scene = synth_image.random_scene(rng)
-        caption = synth_image.image_caption(scene, rng)
+        caption = synth_image.image_caption(scene, rng, config.caption_detail)
         metadata = {"describes": "image"} | scene.metadata()
     else:
         sound = synth_audio.random_sound(rng)
-        caption = synth_audio.sound_caption(sound, rng)
+        caption = synth_audio.sound_caption(sound, rng, config.caption_detail)
         metadata = {"describes": "sound"} | sound.metadata()
     return {
         "__key__": f"{split}_text_{index:07d}",

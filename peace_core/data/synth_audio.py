@@ -1,7 +1,8 @@
 """Synthetic sounds: tones, chirps, beeps, noise bursts, clicks and sirens over background noise.
 
 A sound is (kind, pitch, count, length, loudness, and a direction for chirps). The class for
-zero-shot classification is the kind; captions name every attribute with varied wording.
+zero-shot classification is the kind; captions always name it, and the other attributes with a
+given probability, with varied wording.
 """
 
 from __future__ import annotations
@@ -60,25 +61,20 @@ SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
-#: Templates for one continuous sound ({noun} singular) and for counted events ({nouns} plural).
-SINGLE_TEMPLATES = (
-    "a {length} {loudness} {pitch} {noun}.",
-    "the sound of a {pitch} {noun} that is {loudness} and {length}.",
-    "{loudness}, {pitch} {noun}, {length}.",
-    "a {pitch} {noun}, {length} and {loudness}, over background noise.",
-    "you can hear a {loudness} {length} {pitch} {noun}.",
+#: Caption frames around a noun phrase ``{sound}`` ("a short loud tone", "three beeps").
+CAPTION_FRAMES = (
+    "{sound}.",
+    "the sound of {sound}.",
+    "you can hear {sound}.",
+    "a recording of {sound}.",
+    "{sound} over background noise.",
+    "{sound} can be heard.",
 )
-COUNTED_TEMPLATES = (
-    "{count} {length} {loudness} {pitch} {nouns}.",
-    "the sound of {count} {length} {nouns}, {loudness} and {pitch}.",
-    "{loudness} {pitch} {nouns}, {count} in total, each {length}.",
-    "{count} {length} {pitch} {nouns} that are {loudness}.",
-    "a recording of {count} {nouns}: {pitch}, {loudness}, {length}.",
-)
-SINGLE_EVENT_TEMPLATES = (
-    "a single {length} {loudness} {pitch} {noun}.",
-    "one {pitch} {noun}, {loudness} and {length}.",
-    "the sound of one {loudness} {length} {pitch} {noun}.",
+#: Frames naming the pitch, loudness and/or length after the noun ("a tone, loud and short").
+PREDICATE_FRAMES = (
+    "{sound}, {details}.",
+    "the sound of {sound} that {verb} {details}.",
+    "{sound}: {details}.",
 )
 
 PROMPT_TEMPLATES = (
@@ -130,24 +126,34 @@ def random_sound(rng: np.random.Generator, kind: str | None = None) -> Sound:
     )
 
 
-def sound_caption(sound: Sound, rng: np.random.Generator) -> str:
+def sound_caption(sound: Sound, rng: np.random.Generator, detail: float = 1.0) -> str:
+    """A caption that always names the kind of sound, and each other attribute (pitch, loudness,
+    length, event count, chirp direction) with probability ``detail``, in a random frame with
+    random synonyms (see :func:`peace_core.data.synth_image.image_caption` for why partial)."""
     words = {
         attribute: str(rng.choice(SYNONYMS[attribute][getattr(sound, attribute)]))
         for attribute in ("pitch", "loudness", "length")
     }
+    named = {a: bool(rng.random() < detail) for a in ("length", "loudness", "pitch", "more")}
     singular, plural = NOUNS[sound.kind][int(rng.integers(len(NOUNS[sound.kind])))]
-    if sound.direction is not None:
+    if sound.direction is not None and named["more"]:
         adjective = str(rng.choice(SYNONYMS["direction"][sound.direction]))
         singular, plural = f"{adjective} {singular}", f"{adjective} {plural}"
-    if sound.kind not in COUNTED_KINDS:
-        template = rng.choice(SINGLE_TEMPLATES)
-    elif sound.count == 1:
-        template = rng.choice(SINGLE_EVENT_TEMPLATES)
+    details = [words[a] for a in ("length", "loudness", "pitch") if named[a]]
+    predicative = bool(details) and rng.random() < 0.3
+    adjectives = "" if predicative else "".join(f"{word} " for word in details)
+    if sound.count > 1:
+        count = COUNT_WORDS[sound.count] if named["more"] else "some"
+        phrase, verb = f"{count} {adjectives}{plural}", "are"
     else:
-        template = rng.choice(COUNTED_TEMPLATES)
-    text = str(template).format(
-        noun=singular, nouns=plural, count=COUNT_WORDS[sound.count], **words
-    )
+        single = sound.kind in COUNTED_KINDS and named["more"]
+        article = str(rng.choice(("a single", "one"))) if single else "a"
+        phrase, verb = f"{article} {adjectives}{singular}", "is"
+    if predicative:
+        frame = str(rng.choice(PREDICATE_FRAMES))
+        text = frame.format(sound=phrase, verb=verb, details=" and ".join(details))
+    else:
+        text = str(rng.choice(CAPTION_FRAMES)).format(sound=phrase)
     text = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
     return text[0].upper() + text[1:]
 

@@ -1,8 +1,8 @@
 """Synthetic image scenes: one coloured shape on a cluttered, noisy background, with captions.
 
-A scene is (shape, colour, position, size). The class for zero-shot classification is the shape:
-a tiny model learns it in minutes, while captions also name colour, position and size with varied
-wording, so retrieval needs more than the class.
+A scene is (shape, colour, position, size). The class for zero-shot classification is the shape.
+Captions always name the shape and name the other attributes with a given probability, with
+varied wording, so that retrieval needs more than the class.
 """
 
 from __future__ import annotations
@@ -67,17 +67,22 @@ SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
-#: Caption templates: varied word order; {shape} {colour} {position} {size} are filled in.
-CAPTION_TEMPLATES = (
-    "a {size} {colour} {shape} {position}.",
-    "{position}, there is a {size} {colour} {shape}.",
-    "a picture of a {colour} {shape}, {size}, {position}.",
-    "the {shape} is {colour} and {size}, placed {position}.",
-    "{size} {shape} in {colour} {position}",
-    "a {colour} {shape} {position} on a cluttered background; it is {size}.",
-    "there's a {size} {shape} coloured {colour} {position}.",
-    "{colour} {shape}, {size}, located {position}.",
-    "you can see a {size} {colour} {shape} {position} among some blobs.",
+#: Caption frames around a noun phrase ``{thing}`` ("a small red circle") and an optional place
+#: ``{where}`` (" on the left" or nothing).
+CAPTION_FRAMES = (
+    "a {thing}{where}.",
+    "there is a {thing}{where}.",
+    "a picture of a {thing}{where}.",
+    "you can see a {thing}{where} among some blobs.",
+    "a {thing}{where} on a cluttered background.",
+    "{thing}{where}",
+    "the image shows a {thing}{where}.",
+)
+#: Frames naming the colour and/or size after the shape ("the star is red and small").
+PREDICATE_FRAMES = (
+    "the {shape}{where} is {details}.",
+    "a {shape}{where}; it is {details}.",
+    "{shape}{where}, {details}.",
 )
 
 #: Zero-shot prompt templates (ONE-PEACE / CLIP style).
@@ -121,13 +126,27 @@ def random_scene(rng: np.random.Generator, shape: str | None = None) -> Scene:
     )
 
 
-def image_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming every attribute, with a random template and random synonyms."""
+def image_caption(scene: Scene, rng: np.random.Generator, detail: float = 1.0) -> str:
+    """A caption that always names the shape, and each other attribute (colour, size, position)
+    with probability ``detail``, in a random frame with random synonyms.
+
+    Partial captions are what make the shape worth learning: when every caption names colour,
+    size and position, those alone tell a batch's captions apart and a contrastive model has
+    little reason to look at shapes.
+    """
     words = {
         attribute: str(rng.choice(SYNONYMS[attribute][getattr(scene, attribute)]))
         for attribute in SYNONYMS
     }
-    text = str(rng.choice(CAPTION_TEMPLATES)).format(**words)
+    named = {attribute: bool(rng.random() < detail) for attribute in ("size", "colour", "position")}
+    where = f" {words['position']}" if named["position"] else ""
+    details = [words[attribute] for attribute in ("colour", "size") if named[attribute]]
+    if details and rng.random() < 0.3:
+        frame = str(rng.choice(PREDICATE_FRAMES))
+        text = frame.format(shape=words["shape"], where=where, details=" and ".join(details))
+    else:
+        thing = " ".join([words[a] for a in ("size", "colour") if named[a]] + [words["shape"]])
+        text = str(rng.choice(CAPTION_FRAMES)).format(thing=thing, where=where)
     text = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)  # "a orange" -> "an orange"
     return text[0].upper() + text[1:]
 

@@ -5,8 +5,7 @@ Names load on first use, so that importing this package (e.g. for ``peace --help
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from peace_registry.lazy import lazy_exports
 
 _EXPORTS = {
     "RetrievalResult": "peace_core.evaluation.retrieval",
@@ -32,12 +31,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'peace_core.evaluation' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

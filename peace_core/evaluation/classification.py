@@ -10,8 +10,10 @@ Labels come from a sample's ``json``. The convention, in order of preference:
 * ``"class"``: the class *name*, as listed in the prompt file (e.g. ``"dog"``);
 * ``"label"``: the class name, or an integer index into the prompt file's ``classes``.
 
-Names match exactly, else ignoring case and surrounding spaces. A sample without either field is
-simply not classified; one whose label names no class of the prompt file is skipped and counted.
+A prompt file may instead name the json field to read with ``"label_field"`` (e.g.
+``"colour"``), to classify items along any attribute their json records. Names match exactly,
+else ignoring case and surrounding spaces. A sample without the field is simply not classified;
+one whose label names no class of the prompt file is skipped and counted.
 """
 
 from __future__ import annotations
@@ -45,8 +47,16 @@ class PromptSet:
 
     classes: tuple[str, ...]
     templates: tuple[str, ...] = (PLACEHOLDER,)
+    #: The json field holding the label; ``None``: ``"class"``, else ``"label"``.
+    label_field: str | None = None
 
     def __post_init__(self) -> None:
+        if self.label_field is not None and (
+            not isinstance(self.label_field, str) or not self.label_field
+        ):
+            raise PromptFileError(
+                f"label_field must be a non-empty string, got {self.label_field!r}"
+            )
         if not self.classes:
             raise PromptFileError("a prompt list needs at least one class")
         if any(not isinstance(c, str) or not c.strip() for c in self.classes):
@@ -64,7 +74,8 @@ class PromptSet:
 
     @classmethod
     def from_mapping(cls, data: Any, *, source: str = "prompt list") -> PromptSet:
-        """From ``{"classes": [...], "templates": [...]}`` or a bare list of class names."""
+        """From ``{"classes": [...], "templates": [...], "label_field": ...}`` (templates and
+        label_field optional) or a bare list of class names."""
         if isinstance(data, list):
             data = {"classes": data}
         if not isinstance(data, Mapping):
@@ -72,10 +83,10 @@ class PromptSet:
                 f"{source}: expected an object with 'classes' (and 'templates') or a list of "
                 f"class names, got {type(data).__name__}"
             )
-        unknown = sorted(set(data) - {"classes", "templates"})
+        unknown = sorted(set(data) - {"classes", "templates", "label_field"})
         if unknown:
             raise PromptFileError(
-                f"{source}: unknown field(s) {unknown}; valid: classes, templates"
+                f"{source}: unknown field(s) {unknown}; valid: classes, templates, label_field"
             )
         classes = data.get("classes")
         templates = data.get("templates", [PLACEHOLDER])
@@ -83,7 +94,7 @@ class PromptSet:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise PromptFileError(f"{source}: '{name}' must be a list of strings")
         try:
-            return cls(tuple(classes), tuple(templates))
+            return cls(tuple(classes), tuple(templates), data.get("label_field"))
         except PromptFileError as err:
             raise PromptFileError(f"{source}: {err}") from None
 
@@ -106,7 +117,7 @@ class PromptSet:
 
         Raises :class:`LabelError` when a label is present but names no class.
         """
-        for name in LABEL_FIELDS:
+        for name in (self.label_field,) if self.label_field else LABEL_FIELDS:
             if name not in metadata or metadata[name] is None:
                 continue
             return self._resolve(name, metadata[name])

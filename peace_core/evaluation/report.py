@@ -74,7 +74,7 @@ def classification_table(classification: Mapping[str, Mapping[str, Any]]) -> Tab
     """One row per modality: accuracy and top-5 in percent, chance in brackets."""
     table = Table(title="Zero-shot classification (%, chance in brackets)")
     for name, justify in (
-        ("modality", "left"),
+        ("task", "left"),
         ("classes", "right"),
         ("samples", "right"),
         ("accuracy", "right"),
@@ -82,7 +82,7 @@ def classification_table(classification: Mapping[str, Mapping[str, Any]]) -> Tab
         ("worst class", "left"),
     ):
         table.add_column(name, justify=justify)
-    for modality, result in classification.items():
+    for task, result in classification.items():
         per_class = {k: v for k, v in result["per_class_accuracy"].items() if v is not None}
         worst = min(per_class, key=per_class.get) if per_class else None
         top5 = (
@@ -91,7 +91,7 @@ def classification_table(classification: Mapping[str, Mapping[str, Any]]) -> Tab
             else f"{_pct(result['top5'])} [dim]({_pct(result['chance_top5'])})[/dim]"
         )
         table.add_row(
-            modality,
+            task,
             str(len(result["classes"])),
             str(result["samples"]),
             f"{_pct(result['accuracy'])} [dim]({_pct(result['chance'])})[/dim]",
@@ -283,11 +283,13 @@ def plot_loss_curves(
     return _save(fig, plt, path)
 
 
-def _ema(values: Sequence[float], smoothing: float = 0.9) -> list[float]:
-    smoothed, current = [], None
-    for value in values:
-        current = value if current is None else smoothing * current + (1 - smoothing) * value
-        smoothed.append(current)
+def _ema(values: Sequence[float], smoothing: float = 0.8) -> list[float]:
+    """Exponential moving average, debiased (as TensorBoard's) so that it does not lag at the
+    start."""
+    smoothed, current = [], 0.0
+    for step, value in enumerate(values, start=1):
+        current = smoothing * current + (1 - smoothing) * value
+        smoothed.append(current / (1 - smoothing**step))
     return smoothed
 
 
@@ -317,16 +319,16 @@ def write_evaluation_report(
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {**(extra or {}), **result.to_dict()}
     files: dict[str, str] = {}
-    for modality, scored in result.classification.items():
-        name = f"confusion_{modality}.png"
+    for task, scored in result.classification.items():
+        name = f"confusion_{task.replace(':', '_')}.png"
         plot_confusion_matrix(
             scored.confusion,
             scored.classes,
             out / name,
-            title=f"{modality}: zero-shot accuracy {100 * scored.accuracy:.1f}% "
+            title=f"{task}: zero-shot accuracy {100 * scored.accuracy:.1f}% "
             f"(chance {100 * scored.chance:.1f}%)",
         )
-        files[f"confusion:{modality}"] = name
+        files[f"confusion:{task}"] = name
     for modality, item in result.data.items():
         if item.caption_embeddings is None or not item.captions:
             continue

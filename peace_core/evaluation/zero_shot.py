@@ -217,27 +217,27 @@ def embed_shards(
         m: {"keys": [], "metadata": [], "captions": [], "owner": []} for m in files
     }
     skipped = SkipCounts()
+    width = model.config.encoder.dim
+    data = {}
     was_training = model.training
     model.eval()
     try:
         samples = _raw_samples(shards, skipped)
         for raw in tqdm(samples, desc="eval samples", unit="sample", disable=not progress):
             _take_sample(raw, files, decoder, decode_txt, batchers, collected, skipped)
+        for modality, got in collected.items():
+            if not got["keys"]:
+                continue
+            data[modality] = ModalityEmbeddings(
+                modality=modality,
+                embeddings=batchers[modality].result(width),  # the last, partial batch
+                keys=got["keys"],
+                metadata=got["metadata"],
+                captions=got["captions"],
+                caption_owner=torch.tensor(got["owner"], dtype=torch.long),
+            )
     finally:
         model.train(was_training)
-    width = model.config.encoder.dim
-    data = {}
-    for modality, got in collected.items():
-        if not got["keys"]:
-            continue
-        data[modality] = ModalityEmbeddings(
-            modality=modality,
-            embeddings=batchers[modality].result(width),
-            keys=got["keys"],
-            metadata=got["metadata"],
-            captions=got["captions"],
-            caption_owner=torch.tensor(got["owner"], dtype=torch.long),
-        )
     if not data:
         wanted = "; ".join(f"{m}: {', '.join(exts)}" for m, exts in files.items())
         raise EvaluationError(
@@ -316,6 +316,7 @@ def _retrieval(item: ModalityEmbeddings, ks: Sequence[int]) -> RetrievalResult |
 
 def _classification(
     model: PeaceModel,
+    task: str,
     item: ModalityEmbeddings,
     prompts: PromptSet,
     skipped: SkipCounts,
@@ -326,7 +327,7 @@ def _classification(
         try:
             label = prompts.label_of(metadata)
         except LabelError as err:
-            skipped.add(f"{item.modality} label not in prompt classes", f"{key}: {err}")
+            skipped.add(f"{task} label not in prompt classes", f"{key}: {err}")
             continue
         if label is not None:
             rows.append(row)
@@ -336,6 +337,18 @@ def _classification(
     return zero_shot_classification(
         item.embeddings[rows], labels, prompts, _encode_texts(model, batch_size)
     )
+
+
+def task_modality(task: str) -> str:
+    """The modality a classification task name is about: ``"vision"`` or ``"vision:colour"``
+    (several prompt lists per modality, told apart by the part after the colon)."""
+    modality, _, name = task.partition(":")
+    if not modality or (task.count(":") and not name) or task.count(":") > 1:
+        raise EvaluationError(
+            f"classification task {task!r}: expected MODALITY or MODALITY:NAME, e.g. 'vision' "
+            "or 'vision:colour'"
+        )
+    return modality
 
 
 def evaluate(
@@ -348,25 +361,29 @@ def evaluate(
     progress: bool = False,
     registry: Registry | None = None,
 ) -> EvaluationResult:
-    """Zero-shot retrieval (every modality-text pair present) and, for modalities given a prompt
-    list (a :class:`PromptSet` or a JSON file), zero-shot classification of the labelled
-    samples."""
+    """Zero-shot retrieval (every modality-text pair present) and zero-shot classification of
+    the labelled samples for every prompt list given (a :class:`PromptSet` or a JSON file).
+
+    ``prompts`` is keyed by task: a modality name (``"vision"``), or ``"vision:colour"`` for a
+    further prompt list about the same modality; results are keyed the same way.
+    """
     prompt_sets = {
-        modality: value if isinstance(value, PromptSet) else PromptSet.from_file(value)
-        for modality, value in (prompts or {}).items()
+        task: value if isinstance(value, PromptSet) else PromptSet.from_file(value)
+        for task, value in (prompts or {}).items()
     }
-    unknown = sorted(set(prompt_sets) - set(model.modalities))
+    modality_of = {task: task_modality(task) for task in prompt_sets}
+    unknown = sorted({m for m in modality_of.values() if m not in model.modalities})
     if unknown:
         raise EvaluationError(
             f"prompts given for {unknown}, which the model does not have; it has "
             f"{list(model.modalities)}"
         )
-    if TEXT_MODALITY in prompt_sets:
+    if TEXT_MODALITY in modality_of.values():
         raise EvaluationError("prompt lists classify non-text items; none is needed for 'text'")
     data, skipped = embed_shards(
         model, urls, batch_size=batch_size, progress=progress, registry=registry
     )
-    missing = sorted(set(prompt_sets) - set(data))
+    missing = sorted({m for m in modality_of.values() if m not in data})
     if missing:
         raise EvaluationError(
             f"prompts were given for {missing} but the shards hold no such sample (found "
@@ -374,21 +391,20 @@ def evaluate(
         )
     embed_captions(model, data, batch_size=batch_size)
     retrieval = {}
-    classification = {}
-    notes = []
     for modality, item in data.items():
         scored = _retrieval(item, ks)
         if scored is not None:
             retrieval[modality] = scored
-        if modality in prompt_sets:
-            result = _classification(model, item, prompt_sets[modality], skipped, batch_size)
-            if result is None:
-                notes.append(
-                    f"{modality}: no classification, as no sample's json has a usable 'class' or "
-                    "'label' field"
-                )
-            else:
-                classification[modality] = result
+    classification = {}
+    notes = []
+    for task, prompt_set in prompt_sets.items():
+        item = data[modality_of[task]]
+        result = _classification(model, task, item, prompt_set, skipped, batch_size)
+        if result is None:
+            fields = prompt_set.label_field or "'class' or 'label'"
+            notes.append(f"{task}: no classification, as no sample's json has a usable {fields}")
+        else:
+            classification[task] = result
     return EvaluationResult(
         retrieval=retrieval,
         classification=classification,
@@ -409,4 +425,5 @@ __all__ = [
     "embed_shards",
     "evaluate",
     "sample_captions",
+    "task_modality",
 ]

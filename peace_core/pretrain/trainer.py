@@ -27,34 +27,32 @@ import contextlib
 import copy
 import math
 import os
-import random
-import re
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from peace_core.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from peace_core.config import EncoderConfig, ModelConfig
+from peace_core.checkpoint import CheckpointError, read_checkpoint
 from peace_core.data.pipeline import WebDataLoader, derive_seed
-from peace_core.data.stats import DatasetCounts, DataStats
+from peace_core.data.stats import DataStats
 from peace_core.factory import (
-    convert_checkpoint,
-    create_model,
-    model_from_converted,
-    resolve_config,
     save_pretrained,
 )
 from peace_core.losses import clamp_logit_scale_
 from peace_core.model import PeaceModel
-from peace_core.pretrain.config import ModelSection, PretrainConfig
+from peace_core.pretrain.build import build_model, load_decoder_from
+from peace_core.pretrain.checkpoints import (
+    CheckpointStore,
+    find_checkpoint,
+    stats_from_plain,
+    stats_to_plain,
+)
+from peace_core.pretrain.config import PretrainConfig
 from peace_core.pretrain.freeze import FreezeReport, apply_freeze
 from peace_core.pretrain.logging import (
     METRICS_FILE,
@@ -65,8 +63,15 @@ from peace_core.pretrain.logging import (
 )
 from peace_core.pretrain.objective import PretrainObjective
 from peace_core.pretrain.optim import ResolvedSchedule, build_optimizer, build_scheduler
+from peace_core.pretrain.runtime import (
+    IsolatedRng,
+    capture_rng,
+    resolve_precision,
+    restore_rng,
+    seed_everything,
+    start_run,
+)
 from peace_registry import Registry, get_registry
-from peace_registry.contract import ConvertedCheckpoint
 from peace_registry.errors import PeaceError
 
 #: Marks a trainer checkpoint (a native checkpoint plus the state needed to resume).
@@ -74,382 +79,10 @@ CHECKPOINT_FORMAT = "peace-pretrain/1"
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
-#: Encoder fields that must agree between ``model.preset``/``config`` and ``init_from``.
-_STRUCTURAL_ENCODER_FIELDS = ("dim", "depth", "heads", "ffn_dim", "rel_pos_tables")
 
 
 class TrainingError(PeaceError, RuntimeError):
     """Training cannot go on (non-finite loss, no data, an unusable checkpoint...)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Devices, precision, processes
-
-
-@dataclass
-class RunContext:
-    """Where this process runs: its device and its place in a distributed run."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    started_process_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {setting!r} asked for, but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def start_run(device_setting: str) -> RunContext:
-    """Pick the device and, under torchrun (``WORLD_SIZE > 1``), start the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_setting, local_rank)
-    started = False
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started = True
-    if dist.is_available() and dist.is_initialized():
-        return RunContext(device, dist.get_rank(), dist.get_world_size(), started)
-    return RunContext(device)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Resolved precision: autocast dtype (None: fp32) and whether a GradScaler is needed."""
-
-    name: str
-    autocast_dtype: torch.dtype | None
-
-    @property
-    def scaled(self) -> bool:
-        return self.autocast_dtype == torch.float16
-
-
-def resolve_precision(setting: str, device: torch.device) -> Precision:
-    """``auto``: bf16 on a CUDA device that supports it, fp32 otherwise."""
-    cuda = device.type == "cuda"
-    if setting == "auto":
-        setting = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if setting == "fp32":
-        return Precision("fp32", None)
-    if setting == "fp16":
-        if not cuda:
-            raise ValueError("precision 'fp16' needs a CUDA device; use 'fp32' or 'bf16' on CPU")
-        return Precision("fp16", torch.float16)
-    if setting == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU does not support bf16; use precision 'fp16' or 'fp32'")
-        return Precision("bf16", torch.bfloat16)
-    raise ValueError(f"unknown precision {setting!r}: expected auto, fp32, bf16 or fp16")
-
-
-# --------------------------------------------------------------------------------------------
-# RNG states
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python ``random``, numpy's global RNG and torch (every device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng(*, cuda: bool = True) -> dict[str, Any]:
-    """The global RNG states as tensors and plain values (safe for ``weights_only`` loading)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Undo :func:`capture_rng`."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["position"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    cuda_states = state.get("cuda")
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
-class IsolatedRng:
-    """A separate set of global CPU RNG states (python, numpy, torch) swapped in on demand.
-
-    Code run inside :meth:`active` draws from (and advances) these states; the surrounding
-    program's states are put back afterwards, untouched.
-    """
-
-    def __init__(self, seed: int = 0) -> None:
-        self._states: dict[str, Any] = {}
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        outer = capture_rng(cuda=False)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)  # CPU only: CUDA streams stay the trainer's
-        self._states = capture_rng(cuda=False)
-        restore_rng(outer)
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        outer = capture_rng(cuda=False)
-        restore_rng(self._states)
-        try:
-            yield
-        finally:
-            self._states = capture_rng(cuda=False)
-            restore_rng(outer)
-
-
-# --------------------------------------------------------------------------------------------
-# Data statistics in checkpoints
-
-
-def stats_to_plain(stats: DataStats) -> dict[str, Any]:
-    """DataStats as plain containers (checkpoints are loaded with ``weights_only``)."""
-    return {
-        name: {
-            "ok": c.ok,
-            "bad": dict(c.bad),
-            "examples": {k: list(v) for k, v in c.examples.items()},
-        }
-        for name, c in stats.datasets.items()
-    }
-
-
-def stats_from_plain(plain: Mapping[str, Any]) -> DataStats:
-    stats = DataStats()
-    for name, counts in plain.items():
-        restored = DatasetCounts(ok=int(counts["ok"]))
-        restored.bad.update({str(k): int(v) for k, v in counts["bad"].items()})
-        restored.examples = {str(k): list(v) for k, v in counts["examples"].items()}
-        stats.datasets[name] = restored
-    return stats
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint files
-
-
-class CheckpointStore:
-    """``step_00001000.pt`` files in one directory, a ``latest`` pointer, and pruning."""
-
-    POINTER = "latest"
-    _PATTERN = re.compile(r"^step_(\d+)\.pt$")
-
-    def __init__(self, directory: str | os.PathLike[str], keep: int = 0) -> None:
-        self.directory = Path(directory)
-        self.keep = keep
-
-    def path_for(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}.pt"
-
-    def write(
-        self,
-        step: int,
-        config: dict[str, Any],
-        state_dict: dict[str, torch.Tensor],
-        extra: dict[str, Any],
-    ) -> Path:
-        """Write atomically, then move the pointer, then prune (a crash leaves a valid latest)."""
-        path = write_checkpoint(self.path_for(step), config, state_dict, extra)
-        temporary = self.directory / f".{self.POINTER}.tmp"
-        temporary.write_text(path.name + "\n", encoding="utf-8")
-        os.replace(temporary, self.directory / self.POINTER)
-        self._prune(keep_path=path)
-        return path
-
-    def steps(self) -> list[tuple[int, Path]]:
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.iterdir():
-            match = self._PATTERN.match(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        return sorted(found)
-
-    def latest(self) -> Path | None:
-        """The checkpoint the pointer names, else the newest step file, else None."""
-        pointer = self.directory / self.POINTER
-        if pointer.is_file():
-            named = self.directory / pointer.read_text(encoding="utf-8").strip()
-            if named.is_file():
-                return named
-        steps = self.steps()
-        return steps[-1][1] if steps else None
-
-    def _prune(self, keep_path: Path) -> None:
-        if self.keep <= 0:
-            return
-        old = [path for _, path in self.steps()[: -self.keep] if path != keep_path]
-        for path in old:
-            path.unlink(missing_ok=True)
-
-
-def find_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint file, or the latest one under a run directory or its ``checkpoints/``."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for directory in (path, path / "checkpoints"):
-            latest = CheckpointStore(directory).latest()
-            if latest is not None:
-                return latest
-        raise CheckpointError(f"no checkpoint found in {str(path)!r} or its checkpoints/")
-    raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-
-
-# --------------------------------------------------------------------------------------------
-# Building the model
-
-
-def build_model(
-    section: ModelSection,
-    *,
-    grad_checkpointing: bool = False,
-    registry: Registry | None = None,
-) -> PeaceModel:
-    """The model a :class:`ModelSection` describes (see its docstring), fp32, in train mode."""
-    registry = registry or get_registry()
-    overrides = dict(section.overrides)
-    if grad_checkpointing:
-        overrides["grad_checkpointing"] = True
-    if section.init_from is None:
-        config = resolve_config(section.architecture(), section.modalities, registry, **overrides)
-        config = _with_options(config, section, registry)
-        return create_model(config, registry=registry).train()
-    source = find_checkpoint(section.init_from)
-    converted = convert_checkpoint(source, registry)
-    base = _merge_init_config(section, converted.config, registry)
-    config = resolve_config(base, section.modalities, registry, **overrides)
-    config = _with_options(config, section, registry)
-    merged = ConvertedCheckpoint(
-        config=config.model_dump(mode="json"),
-        state_dict=converted.state_dict,
-        mapped=converted.mapped,
-        ignored=converted.ignored,
-        source_format=converted.source_format,
-    )
-    with warnings.catch_warnings():
-        # New modalities are expected to be missing from the file: they start fresh.
-        warnings.filterwarnings("ignore", message=r".*keep a fresh initialisation")
-        model = model_from_converted(
-            merged,
-            section.modalities,
-            dtype=torch.float32,
-            strict=False,
-            registry=registry,
-            source=str(source),
-        )
-    return model.train()
-
-
-def _with_options(config: ModelConfig, section: ModelSection, registry: Registry) -> ModelConfig:
-    """``config`` with ``section.options`` merged into its modalities' option dicts."""
-    if not section.options:
-        return config
-    unknown = sorted(set(section.options) - set(config.modalities))
-    if unknown:
-        raise ValueError(
-            f"model.options names modalities {unknown} that the model does not have; it has "
-            f"{sorted(config.modalities)}"
-        )
-    raw = config.model_dump(mode="json")
-    for name, changes in section.options.items():
-        raw["modalities"][name] = {**raw["modalities"][name], **changes}
-    return resolve_config(raw, registry=registry)
-
-
-def _merge_init_config(
-    section: ModelSection, checkpoint_config: Mapping[str, Any], registry: Registry
-) -> dict[str, Any]:
-    """The checkpoint's config, plus options for new modalities from ``preset``/``config``."""
-    base = copy.deepcopy(dict(checkpoint_config))
-    base["modalities"] = dict(base.get("modalities") or {})
-    architecture = section.architecture()
-    if architecture is None:
-        return base
-    reference: ModelConfig = resolve_config(architecture, registry=registry)
-    saved = EncoderConfig.model_validate(base.get("encoder") or {})
-    differing = [
-        f"{name} ({getattr(reference.encoder, name)} vs {getattr(saved, name)})"
-        for name in _STRUCTURAL_ENCODER_FIELDS
-        if getattr(reference.encoder, name) != getattr(saved, name)
-    ]
-    if differing:
-        raise ValueError(
-            f"model.init_from {section.init_from!r} has another encoder than the model "
-            f"preset/config: {', '.join(differing)}; drop model.preset/config or make them match"
-        )
-    # Only modalities the run asks for and the checkpoint lacks take the reference's options.
-    for name in section.modalities or []:
-        if name not in base["modalities"] and name in reference.modalities:
-            base["modalities"][name] = dict(reference.modalities[name])
-    return base
-
-
-def load_decoder_from(path: str | os.PathLike[str], decoder: nn.Module) -> int:
-    """Copy the decoder tensors of a trainer checkpoint whose names and shapes match; return
-    how many were copied (0 for files without a decoder, e.g. ``model.safetensors``)."""
-    path = find_checkpoint(path)
-    if path.suffix == ".safetensors":
-        return 0
-    saved = read_checkpoint(path).get("decoder")
-    if not isinstance(saved, Mapping):
-        return 0
-    own = decoder.state_dict()
-    matching = {
-        key: value
-        for key, value in saved.items()
-        if key in own and tuple(own[key].shape) == tuple(value.shape)
-    }
-    decoder.load_state_dict(matching, strict=False)
-    return len(matching)
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,7 +74,10 @@ def official_audio_state(model_state: dict[str, torch.Tensor]) -> dict[str, torc
 
 def _fixture_options(**overrides) -> AudioOptions:
     return AudioOptions(
-        feature_layers=FIXTURE_FEATURE_LAYERS, bucket_size=FIXTURE_BUCKET, **overrides
+        feature_layers=FIXTURE_FEATURE_LAYERS,
+        bucket_size=FIXTURE_BUCKET,
+        conv_pos_sees_padding=True,  # the official behaviour
+        **overrides,
     )
 
 

@@ -111,10 +111,7 @@ def test_padding_mask_from_lengths(tiny_adapter):
     assert torch.equal(out.padding_mask[:, 1:], torch.arange(total) >= valid[:, None])
 
 
-def test_batched_and_alone_differ_only_near_the_padding(tiny_adapter):
-    # Official behaviour kept on purpose: the conv positions read padded frames, so only the
-    # last valid frames (within the positional receptive field) change with batching.
-    adapter = tiny_adapter()
+def _clip_batched_and_alone(adapter: AudioAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     clip = torch.randn(9000)
     batch = {"waveform": torch.zeros(2, 16000), "lengths": torch.tensor([9000, 16000])}
     batch["waveform"][0, :9000] = clip
@@ -122,10 +119,47 @@ def test_batched_and_alone_differ_only_near_the_padding(tiny_adapter):
     with torch.no_grad():
         batched = adapter(batch).tokens[0]
         alone = adapter({"waveform": clip[None], "lengths": torch.tensor([9000])}).tokens[0]
+    return batched, alone
+
+
+def test_batched_and_alone_agree_when_padding_is_zeroed(tiny_adapter):
+    batched, alone = _clip_batched_and_alone(tiny_adapter())
+    torch.testing.assert_close(batched[: alone.shape[0]], alone)
+
+
+def test_official_conv_positions_see_padding_near_the_end(tiny_adapter):
+    # conv_pos_sees_padding (the official behaviour): only the last valid frames, within the
+    # positional receptive field, change with batching.
+    adapter = tiny_adapter(conv_pos_sees_padding=True)
+    batched, alone = _clip_batched_and_alone(adapter)
     frames = alone.shape[0] - 1
     reach = adapter.conv_pos.layers[0].conv.kernel_size[0] // 2 * len(adapter.conv_pos.layers)
     torch.testing.assert_close(batched[: 1 + frames - reach], alone[: 1 + frames - reach])
     assert not torch.allclose(batched[1 + frames - reach : 1 + frames], alone[1 + frames - reach :])
+
+
+@pytest.mark.parametrize("sees_padding", [False, True])
+def test_padding_sends_no_gradient_into_the_feature_extractor(tiny_adapter, sees_padding):
+    adapter = tiny_adapter(conv_pos_sees_padding=sees_padding).train()
+    generator = torch.Generator().manual_seed(0)
+    waveform = torch.randn(2, 16000, generator=generator)
+
+    def extractor_grad(lengths: list[int]) -> float:
+        adapter.zero_grad()
+        wave = waveform.clone()
+        for row, length in enumerate(lengths):
+            wave[row, length:] = 0.0
+        out = adapter({"waveform": wave, "lengths": torch.tensor(lengths)})
+        valid = ~out.padding_mask
+        (out.tokens * valid[..., None]).square().sum().backward()
+        return max(p.grad.abs().max().item() for p in adapter.feature_extractor.parameters())
+
+    full = extractor_grad([16000, 16000])
+    padded = extractor_grad([16000, 4000])
+    if sees_padding:  # the official way: zero-variance LayerNorm inputs blow gradients up
+        assert padded > 100 * full
+    else:
+        assert padded < 10 * full
 
 
 # --------------------------------------------------------------------------------- keep
@@ -150,8 +184,9 @@ def test_keeping_every_position_changes_nothing(tiny_adapter):
     assert torch.equal(kept.rel_pos.index, full.rel_pos.index.expand(3, tokens, tokens))
 
 
-def test_keep_gathers_then_runs_conv_positions_on_the_compacted_frames(tiny_adapter):
-    adapter, batch = tiny_adapter(), _batch()
+@pytest.mark.parametrize("sees_padding", [False, True])
+def test_keep_gathers_then_runs_conv_positions_on_the_compacted_frames(tiny_adapter, sees_padding):
+    adapter, batch = tiny_adapter(conv_pos_sees_padding=sees_padding), _batch()
     keep = torch.tensor(
         [
             [0, 1, 4, 5, 9, 20, 36],
@@ -174,7 +209,10 @@ def test_keep_gathers_then_runs_conv_positions_on_the_compacted_frames(tiny_adap
                 longest = int((keep >= 1).sum(dim=1).max())
                 padded = torch.zeros(longest, gathered.shape[1])
                 padded[: len(frames)] = gathered
-                expected = gathered + adapter.conv_pos(padded[None])[0, : len(frames)]
+                # Zeroed padding: each row's compacted frames as if alone; otherwise the convs
+                # read the batch's empty slots (zeros at the input, not between layers).
+                seen = padded[None] if sees_padding else gathered[None]
+                expected = gathered + adapter.conv_pos(seen)[0, : len(frames)]
                 torch.testing.assert_close(out.tokens[row, 1 : 1 + len(frames)], expected)
     assert torch.equal(out.padding_mask, keep < 0)
     assert torch.equal(out.rel_pos.index, gather_bucket_index(full.rel_pos.index, keep))

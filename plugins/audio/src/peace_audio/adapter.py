@@ -130,9 +130,13 @@ class ConvPositionalEmbedding(nn.Module):
             for _ in range(depth)
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``padding`` ``[B, T]`` (True: a padded frame): zeroed before every layer, so that the
+        convs see exactly what a clip alone sees (zeros past its end)."""
         x = features.transpose(1, 2)
         for layer in self.layers:
+            if padding is not None:
+                x = x.masked_fill(padding[:, None, :], 0.0)
             x = layer(x)
         return x.transpose(1, 2)
 
@@ -295,20 +299,29 @@ class AudioAdapter(nn.Module):
         index = token_bucket_index(tokens, self.options.bucket_size).to(device)
         tables = list(self.rel_pos_tables)
         cls = (self.cls_token + self.cls_pos).expand(batch_size, 1, dim)
+        sees_padding = self.options.conv_pos_sees_padding
+        if not sees_padding:
+            # Zeroed padded frames: no batch-dependence, and no gradient into padding.
+            frames = frames.masked_fill(frame_padding[..., None], 0.0)
 
         if keep is None:
-            x = torch.cat([cls, frames + self.conv_pos(frames)], dim=1)
+            positions = self.conv_pos(frames, None if sees_padding else frame_padding)
+            x = torch.cat([cls, frames + positions], dim=1)
             return AdapterOutput(x, padding_mask, RelativePositions(index, tables))
 
         keep = self._check_keep(keep, batch_size, tokens).to(device)
-        x = self._kept_tokens(frames, cls, keep)
+        x = self._kept_tokens(frames, cls, keep, frame_padding)
         kept_padding = (keep < 0) | padding_mask.gather(1, keep.clamp(min=0))
         return AdapterOutput(
             x, kept_padding, RelativePositions(gather_bucket_index(index, keep), tables)
         )
 
     def _kept_tokens(
-        self, frames: torch.Tensor, cls: torch.Tensor, keep: torch.Tensor
+        self,
+        frames: torch.Tensor,
+        cls: torch.Tensor,
+        keep: torch.Tensor,
+        frame_padding: torch.Tensor,
     ) -> torch.Tensor:
         """Tokens at the kept positions; positional convs see only the kept frames, compacted."""
         batch_size, slots = keep.shape
@@ -322,6 +335,11 @@ class AudioAdapter(nn.Module):
         positions = torch.zeros_like(gathered)
         if longest:
             front = order[:, :longest, None].expand(-1, -1, dim)
-            positions = positions.scatter(1, front, self.conv_pos(gathered.gather(1, front)))
+            compact = gathered.gather(1, front)
+            padding = None
+            if not self.options.conv_pos_sees_padding:  # empty slots and padded frames
+                valid = is_frame & ~frame_padding.gather(1, (keep - 1).clamp(min=0))
+                padding = ~valid.gather(1, order[:, :longest])
+            positions = positions.scatter(1, front, self.conv_pos(compact, padding))
         frame_tokens = gathered + positions
         return torch.where((keep == 0)[..., None], cls.expand(batch_size, slots, dim), frame_tokens)

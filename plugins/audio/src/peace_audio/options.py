@@ -35,6 +35,16 @@ class AudioOptions(BaseModel):
         95, ge=1, description="total width; each conv has kernel max(3, width // depth)"
     )
     conv_pos_groups: int = Field(16, ge=1, description="groups of each positional conv")
+    conv_pos_sees_padding: bool = Field(
+        False,
+        description=(
+            "True: the positional convs read padded frames, as the official ONE-PEACE does (set "
+            "when converting its checkpoints, for parity); a clip's last frames then depend on "
+            "the batch, and padded frames' zero-variance LayerNorm inputs send exploding "
+            "gradients into the feature extractor. False: padded frames are zeroed first, so a "
+            "clip gives the same output batched or alone and padding gets no gradient"
+        ),
+    )
     bucket_size: int = Field(512, ge=2, description="1-D relative-position bucket size")
     max_duration: float = Field(
         15.0, gt=0, description="seconds kept from the start of a clip; the rest is cropped"

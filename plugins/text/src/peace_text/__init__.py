@@ -5,8 +5,7 @@ Everything is exposed lazily so that importing the plugin's entry module stays c
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from peace_registry.lazy import lazy_exports
 
 _LAZY = {
     "TextOptions": "peace_text.options",
@@ -36,12 +35,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'peace_text' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -5,9 +5,9 @@ Importing this package is cheap; the torch/Pillow-backed classes load on first a
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from peace_registry.lazy import lazy_exports
 from peace_vision.options import CLIP_MEAN, CLIP_STD, PATCH_SIZE, VisionOptions
 
 if TYPE_CHECKING:
@@ -39,8 +39,4 @@ __all__ = [
     "to_rgb",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'peace_vision' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
