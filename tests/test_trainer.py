@@ -351,7 +351,7 @@ def test_init_from_takes_the_preset_with_its_overrides(tmp_path: Path) -> None:
     path = save_pretrained(first, tmp_path / "stage1.safetensors")
     # The preset as overridden matches the checkpoint: audio is added, vision carried over.
     section = ModelSection(
-        preset="tiny", modalities=["vision", "audio", "text"], overrides=narrow, init_from=path
+        preset="tiny", modalities=["vision", "audio", "text"], overrides=narrow, init_from=str(path)
     )
     model = build_model(section)
     assert model.config.encoder.dim == 32 and model.modalities == ("vision", "audio", "text")

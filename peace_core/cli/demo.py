@@ -12,11 +12,11 @@ def add_parser(subparsers: Any) -> None:
         "demo",
         help="pretrain a tiny model on synthetic data and evaluate it zero-shot (CPU, minutes)",
         description="Write a synthetic image/sound/caption dataset, pretrain the tiny preset on "
-        "vision-text (stage 1), add audio with the rest frozen (stage 2), evaluate zero-shot "
-        "retrieval and classification on held-out data next to chance level, and write a "
-        "report folder (OUT/report: README.md, metrics.json, loss curves, similarity heatmaps, "
-        "confusion matrices). The full run takes about 10-15 minutes on 2 CPU cores; --quick a "
-        "few minutes. Rerunning replaces a previous demo's output in OUT.",
+        "vision-text (stage 1), add audio with the shared layers and vision frozen (stage 2), "
+        "evaluate zero-shot retrieval and classification on held-out data next to chance "
+        "level, and write a report folder (OUT/report: README.md, metrics.json, loss curves, "
+        "similarity heatmaps, confusion matrices). The full run takes about 12 minutes on 2 CPU "
+        "cores; --quick about 5. Rerunning replaces a previous demo's output in OUT.",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("demo-out"), help="output folder (./demo-out)"
