@@ -139,11 +139,9 @@ QUICK_PLAN = FULL_PLAN.model_copy(
             update={
                 "train_images": 3000,
                 "train_sounds": 2000,
-                "test_images": 120,
-                "test_sounds": 120,
             }
         ),
-        "stage1": FULL_PLAN.stage1.model_copy(update={"steps": 1000}),
+        "stage1": FULL_PLAN.stage1.model_copy(update={"steps": 1200}),
         "stage2": FULL_PLAN.stage2.model_copy(update={"steps": 400}),
     }
 )
@@ -469,7 +467,7 @@ def summary_markdown(metrics: dict[str, Any], out: Path) -> str:
         "1. **data**: "
         f"{synth['train_images']} training images (coloured shapes on clutter, "
         f"{synth['image_size']} px), {synth['train_sounds']} training sounds (tones, chirps, "
-        f"beeps, noise bursts, clicks, sirens), each with a varied caption; "
+        f"beeps, bursts of static, clicks, sirens), each with a varied caption; "
         f"{synth['test_images']} test images and {synth['test_sounds']} test sounds.",
         f"2. **tokenizer**: a byte-level BPE of {metrics['tokenizer_vocab_size']} ids trained on "
         "the training captions.",

@@ -155,6 +155,20 @@ def test_image_captions_name_the_attributes_in_the_json(made: tuple[Path, dict[s
     assert all(8 <= named[a] <= 34 for a in ("colour", "size", "position")), named
 
 
+def test_a_class_name_appears_only_in_captions_of_its_class(
+    made: tuple[Path, dict[str, Any]],
+) -> None:
+    # Zero-shot prompts fill in the class names: a name that other captions use too (as "noise"
+    # in "over background noise") would tell the classes apart by nothing.
+    root, manifest = made
+    for name, classes in (("image_text", image.SHAPES), ("audio_text", audio.KINDS)):
+        for split in ("train", "test"):
+            for sample in read_dataset(root, manifest, f"{split}/{name}").values():
+                meta = json.loads(sample["json"])
+                others = tuple(c for c in classes if c != meta["class"])
+                assert not _mentions(sample["txt"].decode(), others), sample["txt"]
+
+
 @pytest.mark.parametrize("detail", [0.0, 1.0])
 def test_caption_detail_bounds_what_captions_name(detail: float) -> None:
     rng = np.random.default_rng(3)

@@ -1,4 +1,5 @@
-"""Synthetic sounds: tones, chirps, beeps, noise bursts, clicks and sirens over background noise.
+"""Synthetic sounds: tones, chirps, beeps, bursts of static, clicks and sirens over background
+noise.
 
 A sound is (kind, pitch, count, length, loudness, and a direction for chirps). The class for
 zero-shot classification is the kind; captions always name it, and the other attributes with a
@@ -18,11 +19,11 @@ import soundfile
 SAMPLE_RATE = 16_000
 
 #: Sound kinds are the classes; their order fixes the class labels.
-KINDS = ("tone", "chirp", "beeps", "noise", "clicks", "siren")
+KINDS = ("tone", "chirp", "beeps", "static", "clicks", "siren")
 #: Kinds made of separate events, with the event counts they may have.
 COUNTED_KINDS: dict[str, tuple[int, ...]] = {
     "beeps": (1, 2, 3, 4),
-    "noise": (1, 2, 3),
+    "static": (1, 2, 3),
     "clicks": (2, 3, 4, 5),
 }
 #: Base frequency ranges in Hz.
@@ -45,7 +46,8 @@ NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
     "tone": (("tone", "tones"), ("pure tone", "pure tones"), ("steady tone", "steady tones")),
     "chirp": (("chirp", "chirps"), ("sweep", "sweeps"), ("glide", "glides")),
     "beeps": (("beep", "beeps"), ("bleep", "bleeps")),
-    "noise": (("noise burst", "noise bursts"), ("burst of static", "bursts of static")),
+    # Not "noise": every caption may mention the background noise, so the word names no kind.
+    "static": (("burst of static", "bursts of static"), ("static burst", "static bursts")),
     "clicks": (("click", "clicks"), ("tick", "ticks"), ("knock", "knocks")),
     "siren": (("siren", "sirens"), ("wailing siren", "wailing sirens")),
 }
@@ -182,7 +184,7 @@ def _event(sound: Sound, rng: np.random.Generator, seconds: float, base: float) 
         rate = rng.uniform(2.0, 5.0)
         freq = base * (1 + 0.3 * np.sin(2 * np.pi * rate * t))
         wave = np.sin(2 * np.pi * np.cumsum(freq) / SAMPLE_RATE)
-    elif sound.kind == "noise":  # white noise ring-modulated around the base frequency
+    elif sound.kind == "static":  # white noise ring-modulated around the base frequency
         wave = rng.normal(0, 1, n) * (0.5 + 0.5 * np.sin(2 * np.pi * base * t))
     elif sound.kind == "clicks":  # a struck, quickly decaying partial
         wave = np.sin(2 * np.pi * base * t) * np.exp(-t / 0.015)
