@@ -125,6 +125,9 @@ def _worker(rank: int, init_file: str, out_dir: str, inputs: dict[str, torch.Ten
                 run[f"ddp_{key}"] = averaged / WORLD
             result[f"contrast_{local_loss}_{with_grad}"] = run
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks finish before either tears gloo down: a rank destroying its group while
+        # the other still talks to it aborts ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
