@@ -342,8 +342,8 @@ def _classification(
 def task_modality(task: str) -> str:
     """The modality a classification task name is about: ``"vision"`` or ``"vision:colour"``
     (several prompt lists per modality, told apart by the part after the colon)."""
-    modality, _, name = task.partition(":")
-    if not modality or (task.count(":") and not name) or task.count(":") > 1:
+    modality, colon, name = task.partition(":")
+    if not modality or (colon and not name) or ":" in name:
         raise EvaluationError(
             f"classification task {task!r}: expected MODALITY or MODALITY:NAME, e.g. 'vision' "
             "or 'vision:colour'"
