@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AttentionBackendName = Literal["auto", "math", "sdpa", "xformers"]
+InitSchemeName = Literal["scratch", "official"]
 
 
 class StrictModel(BaseModel):
@@ -35,6 +36,14 @@ class EncoderConfig(StrictModel):
         "auto", description="attention backend; the PEACE_ATTENTION env variable overrides it"
     )
     grad_checkpointing: bool = False
+    init: InitSchemeName = Field(
+        "scratch",
+        description=(
+            "weight init of the fusion layers and projections: 'scratch' (fan-in scaled, trains "
+            "from scratch) or 'official' (ONE-PEACE's trunc-normal 0.02; one-peace-4b and "
+            "converted checkpoints). See peace_core.init"
+        ),
+    )
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> EncoderConfig:

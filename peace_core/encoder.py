@@ -150,7 +150,8 @@ class FusionEncoder(nn.Module):
 
     ``ffn_factories`` maps each modality to a zero-argument callable returning a fresh FFN module
     (``[B,N,D] -> [B,N,D]``); it is called once per block. All Linear/LayerNorm/LayerScale weights,
-    FFNs included, are initialised by :func:`peace_core.init.init_fusion_weights`.
+    FFNs included, are initialised by :func:`peace_core.init.init_fusion_weights` under
+    ``config.init``.
     """
 
     def __init__(
@@ -188,7 +189,7 @@ class FusionEncoder(nn.Module):
                 for name in ffn_factories
             }
         )
-        init_fusion_weights(self)
+        init_fusion_weights(self, config.init)
 
     @property
     def modalities(self) -> tuple[str, ...]:

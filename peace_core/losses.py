@@ -387,3 +387,18 @@ class DenoisingContrast(nn.Module):
         _require_bool_mask("masked", masked, student.shape[:2])
         if padding_mask is not None:
             _require_bool_mask("padding_mask", padding_mask, student.shape[:2])
+
+
+def embedding_spread(embeddings: torch.Tensor) -> torch.Tensor:
+    """How much a batch of L2-normalised embeddings ``[B,D]`` varies, on a 0–1 scale.
+
+    The across-batch std of each coordinate, averaged over coordinates and multiplied by
+    ``sqrt(D)``: about 1 for independent random unit vectors, 0 when every embedding is the
+    same (a collapsed contrast). A single row gives 0.
+    """
+    if embeddings.ndim != 2:
+        raise ValueError(f"embedding_spread: expected [B,D], got {tuple(embeddings.shape)}")
+    if embeddings.shape[0] < 2:
+        return embeddings.new_zeros(())
+    spread = embeddings.detach().float().std(dim=0, unbiased=False).mean()
+    return spread * embeddings.shape[1] ** 0.5

@@ -187,7 +187,7 @@ class PeaceModel(nn.Module):
         self.projections = nn.ModuleDict(
             {name: nn.Linear(enc.dim, enc.dim, device=device, dtype=dtype) for name in contexts}
         )
-        init_fusion_weights(self.projections)
+        init_fusion_weights(self.projections, enc.init)
         self.logit_scale = nn.Parameter(
             torch.tensor(config.logit_scale_init, device=device, dtype=dtype or torch.float32)
         )

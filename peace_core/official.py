@@ -224,6 +224,8 @@ def _native_config(
         ),
         "drop_path": float(enc_cfg.get("drop_path_rate", 0.0)),
         "rel_pos_tables": "shared" if tables == 1 else "per_layer",
+        # Fresh parts of a converted model (e.g. a modality added later) follow the official init.
+        "init": "official",
     }
     builders = {"vision": _vision_options, "audio": _audio_options, "text": _text_options}
     options = {name: builders[name](state, enc_cfg, cfg) for name in modalities}

@@ -23,6 +23,7 @@ def _preset(
     ffn_dim: int,
     layer_scale_init: float,
     drop_path: float,
+    init: str = "scratch",
     modalities: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
@@ -35,6 +36,7 @@ def _preset(
             "layer_scale_init": layer_scale_init,
             "drop_path": drop_path,
             "rel_pos_tables": "shared",
+            "init": init,
         },
         "modalities": copy.deepcopy(modalities or {"vision": {}, "audio": {}, "text": {}}),
     }
@@ -98,6 +100,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         ffn_dim=6144,
         layer_scale_init=1e-6,
         drop_path=0.4,
+        init="official",
     ),
 }
 

@@ -118,13 +118,22 @@ def test_drop_path_ramps_linearly_and_layer_scale_can_be_off() -> None:
     assert isinstance(encoder.blocks[0].ffn_scale, nn.Identity)
 
 
-def test_constructor_initialises_weights() -> None:
-    config = EncoderConfig(dim=DIM, depth=2, heads=HEADS, ffn_dim=FFN, layer_scale_init=1e-3)
+@pytest.mark.parametrize(
+    ("scheme", "q_bound", "wo_bound"),
+    [("official", 0.02, 0.02), ("scratch", 2 * DIM**-0.5, 2 * FFN**-0.5)],
+)
+def test_constructor_initialises_weights(scheme: str, q_bound: float, wo_bound: float) -> None:
+    config = EncoderConfig(
+        dim=DIM, depth=2, heads=HEADS, ffn_dim=FFN, layer_scale_init=1e-3, init=scheme
+    )
     encoder = FusionEncoder(config, {"text": lambda: GeGLUFFN(DIM, FFN)})
     block = encoder.blocks[1]
-    assert block.attn.q_proj.weight.abs().max() <= 0.02
+    assert block.attn.q_proj.weight.abs().max() <= q_bound
+    # Not a smaller scheme's values: the spread is over a third of the bound.
+    assert block.attn.q_proj.weight.std() > q_bound / 3
     assert torch.equal(block.attn.q_proj.bias, torch.zeros(DIM))
-    assert block.ffns["text"].wi_0.weight.abs().max() <= 0.02
+    assert block.ffns["text"].wi_0.weight.abs().max() <= q_bound
+    assert block.ffns["text"].wo.weight.abs().max() <= wo_bound
     assert torch.equal(block.attn_scale.gamma.data, torch.full((DIM,), 1e-3))
 
 

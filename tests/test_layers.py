@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peace_core.init import LINEAR_INIT_STD, init_fusion_weights
+from peace_core.init import LINEAR_INIT_STD, SCRATCH_TRUNCATION, init_fusion_weights
 from peace_core.layers import DropPath, GeGLUFFN, LayerScale
 
 
@@ -72,13 +72,39 @@ def test_drop_path_rejects_bad_probability() -> None:
         DropPath(1.0)
 
 
-def test_init_fusion_weights() -> None:
-    torch.manual_seed(0)
+def _filled_module() -> nn.Sequential:
     module = nn.Sequential(GeGLUFFN(64, 256), LayerScale(64, 1e-3), nn.LayerNorm(64))
     with torch.no_grad():
         for p in module.parameters():
             p.fill_(5.0)
-    init_fusion_weights(module)
+    return module
+
+
+def test_init_fusion_weights_scratch_scales_with_fan_in() -> None:
+    torch.manual_seed(0)
+    module = _filled_module()
+    init_fusion_weights(module, "scratch")
+    ffn, scale, norm = module
+    for linear in (ffn.wi_0, ffn.wi_1, ffn.wo):
+        w = linear.weight
+        std = linear.in_features**-0.5
+        assert w.abs().max().item() <= SCRATCH_TRUNCATION * std
+        # A normal cut at ±2 std keeps ~88 % of its spread.
+        assert 0.8 * std < w.std().item() < std
+    assert torch.equal(ffn.wo.bias, torch.zeros(64))
+    assert torch.equal(norm.weight, torch.ones(64))
+    assert torch.equal(scale.gamma.data, torch.full((64,), 1e-3))
+
+
+def test_init_fusion_weights_rejects_unknown_scheme() -> None:
+    with pytest.raises(ValueError, match="unknown init scheme 'xavier'"):
+        init_fusion_weights(nn.Identity(), "xavier")  # type: ignore[arg-type]
+
+
+def test_init_fusion_weights_official() -> None:
+    torch.manual_seed(0)
+    module = _filled_module()
+    init_fusion_weights(module, "official")
     ffn, scale, norm = module
     for linear in (ffn.wi_0, ffn.wi_1, ffn.wo):
         w = linear.weight

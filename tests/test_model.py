@@ -137,3 +137,20 @@ def test_dtype_and_unknown_format(tmp_path):
     torch.save({"weights": {"w": torch.zeros(1)}}, foreign)
     with pytest.raises(CheckpointFormatError, match="no installed plugin recognises"):
         from_pretrained(foreign)
+
+
+def test_presets_below_4b_train_from_scratch_and_4b_uses_the_official_init():
+    from peace_core.presets import PRESETS
+
+    schemes = {name: p["config"]["encoder"]["init"] for name, p in PRESETS.items()}
+    assert schemes == {
+        "tiny": "scratch",
+        "small": "scratch",
+        "base": "scratch",
+        "large": "scratch",
+        "one-peace-4b": "official",
+    }
+    official = create_model("tiny", modalities=["text"], init="official")
+    scratch = create_model("tiny", modalities=["text"])
+    assert official.projections["text"].weight.abs().max() <= 0.02
+    assert scratch.projections["text"].weight.std() > 0.1  # 64 ** -0.5 = 0.125

@@ -324,9 +324,14 @@ def test_loss_is_finite_and_reaches_every_trained_part(pair):
         "loss", "logit_scale", "align:vision", "align_acc:vision->text", "align_acc:text->vision",
         "dcl:text", "dcl:vision", "dcl:joint:text", "dcl:joint:vision",
         "dcl_acc:text", "dcl_acc:vision", "dcl_acc:joint:text", "dcl_acc:joint:vision",
+        "align_chance:vision", "spread:vision", "spread:text",
     }  # fmt: skip
     assert set(metrics) == expected
     assert all(isinstance(value, float) for value in metrics.values())
+    # Chance is ln(candidates per row): the batch, on one process.
+    batch = pair["vision"]["pixels"].shape[0]
+    assert metrics["align_chance:vision"] == pytest.approx(math.log(batch))
+    assert 0.0 < metrics["spread:vision"] < 1.5 and 0.0 < metrics["spread:text"] < 1.5
     weighted = (
         metrics["align:vision"]
         + 0.5 * metrics["dcl:text"]

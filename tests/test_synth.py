@@ -357,3 +357,47 @@ def test_cli_writes_the_dataset_and_reports_bad_input(
     assert main([*args, "--overwrite"]) == 0
     assert main(["data", "synth", str(out), "--overwrite", "--texts", "-3"]) == 1
     assert "texts" in capsys.readouterr().err
+
+
+def test_class_subsets_choose_what_is_drawn_and_prompted(tmp_path: Path) -> None:
+    config = SynthConfig(
+        seed=9,
+        train_images=8,
+        train_sounds=6,
+        test_images=0,
+        test_sounds=0,
+        texts=6,
+        image_classes=["star", "cross"],
+        sound_classes=["siren", "tone", "clicks"],
+    )
+    manifest = synthesize(tmp_path, config, jobs=1)
+    assert manifest["classes"] == {
+        "vision": ["star", "cross"],
+        "audio": ["siren", "tone", "clicks"],
+    }
+
+    def metadata(name: str) -> list[dict[str, Any]]:
+        return [json.loads(s["json"]) for s in read_dataset(tmp_path, manifest, name).values()]
+
+    prompts = json.loads((tmp_path / "prompts" / "vision.json").read_text())
+    assert prompts["classes"] == ["star", "cross"]
+    shapes = [meta["shape"] for meta in metadata("train/image_text")]
+    assert shapes == ["star", "cross"] * 4
+    kinds = [meta["kind"] for meta in metadata("train/audio_text")]
+    assert kinds == ["siren", "tone", "clicks"] * 2
+    for meta in metadata("train/text"):
+        assert meta.get("shape", "star") in ("star", "cross")
+        assert meta.get("kind", "tone") in ("siren", "tone", "clicks")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image_classes", ["star", "blob"], "unknown"),
+        ("sound_classes", ["tone"], "at least two distinct"),
+        ("image_classes", ["star", "star"], "at least two distinct"),
+    ],
+)
+def test_class_subsets_are_validated(field: str, value: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SynthConfig(**{field: value})

@@ -41,6 +41,18 @@ def add_parser(subparsers: Any) -> None:
         metavar="P",
         help="probability that a caption names each attribute besides the class (default 0.5)",
     )
+    synth.add_argument(
+        "--image-classes",
+        default=None,
+        metavar="A,B,...",
+        help="shapes to draw, a subset of circle,square,triangle,star,cross,diamond (default all)",
+    )
+    synth.add_argument(
+        "--sound-classes",
+        default=None,
+        metavar="A,B,...",
+        help="sounds to make, a subset of tone,chirp,beeps,static,clicks,siren (default all)",
+    )
     synth.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples/shard")
     synth.add_argument("--jobs", type=int, default=None, help="processes (default: one per CPU)")
     synth.add_argument(
@@ -57,7 +69,13 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from peace_core.data.synth import SynthConfig, synthesize
 
+    classes = {
+        field: getattr(args, field).split(",")
+        for field in ("image_classes", "sound_classes")
+        if getattr(args, field)
+    }
     config = SynthConfig(
+        **classes,
         seed=args.seed,
         train_images=args.train_images,
         train_sounds=args.train_sounds,

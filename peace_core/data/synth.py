@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from webdataset import ShardWriter
 
 from peace_core.config import StrictModel
@@ -63,6 +63,24 @@ class SynthConfig(StrictModel):
         ),
     )
     shard_size: int = Field(1000, gt=0, description="samples per shard")
+    image_classes: list[str] = Field(
+        default_factory=lambda: list(synth_image.SHAPES),
+        description="the shapes to draw (the image classes), at least two",
+    )
+    sound_classes: list[str] = Field(
+        default_factory=lambda: list(synth_audio.KINDS),
+        description="the kinds of sound to make (the sound classes), at least two",
+    )
+
+    @field_validator("image_classes")
+    @classmethod
+    def _known_shapes(cls, names: list[str]) -> list[str]:
+        return _class_subset("image_classes", names, synth_image.SHAPES)
+
+    @field_validator("sound_classes")
+    @classmethod
+    def _known_kinds(cls, names: list[str]) -> list[str]:
+        return _class_subset("sound_classes", names, synth_audio.KINDS)
 
     def count(self, split: str, kind: str) -> int:
         counts = {
@@ -73,6 +91,15 @@ class SynthConfig(StrictModel):
             ("test", "audio_text"): self.test_sounds,
         }
         return counts[(split, kind)]
+
+
+def _class_subset(field: str, names: list[str], known: tuple[str, ...]) -> list[str]:
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{field}: unknown {unknown}; expected names from {list(known)}")
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise ValueError(f"{field}: expected at least two distinct names, got {names}")
+    return names
 
 
 def _rng(config: SynthConfig, split: str, kind: str, index: int) -> np.random.Generator:
@@ -86,7 +113,7 @@ def _json(value: dict[str, Any]) -> bytes:
 def image_sample(config: SynthConfig, split: str, index: int) -> Sample:
     """One image-text sample: ``{"__key__", "jpg"|"png", "txt", "json"}`` (bytes)."""
     rng = _rng(config, split, "image_text", index)
-    scene = synth_image.random_scene(rng, synth_image.SHAPES[index % len(synth_image.SHAPES)])
+    scene = synth_image.random_scene(rng, config.image_classes[index % len(config.image_classes)])
     pixels = synth_image.render_scene(scene, rng, config.image_size)
     return {
         "__key__": f"{split}_image_{index:07d}",
@@ -99,7 +126,7 @@ def image_sample(config: SynthConfig, split: str, index: int) -> Sample:
 def sound_sample(config: SynthConfig, split: str, index: int) -> Sample:
     """One audio-text sample: ``{"__key__", "flac", "txt", "json"}`` (bytes)."""
     rng = _rng(config, split, "audio_text", index)
-    sound = synth_audio.random_sound(rng, synth_audio.KINDS[index % len(synth_audio.KINDS)])
+    sound = synth_audio.random_sound(rng, config.sound_classes[index % len(config.sound_classes)])
     wave = synth_audio.render_sound(sound, rng)
     metadata = sound.metadata() | {"seconds": round(len(wave) / synth_audio.SAMPLE_RATE, 3)}
     return {
@@ -114,11 +141,11 @@ def text_sample(config: SynthConfig, split: str, index: int) -> Sample:
     """One text-only sample: a caption of an image scene (even index) or a sound (odd index)."""
     rng = _rng(config, split, "text", index)
     if index % 2 == 0:
-        scene = synth_image.random_scene(rng)
+        scene = synth_image.random_scene(rng, str(rng.choice(config.image_classes)))
         caption = synth_image.image_caption(scene, rng, config.caption_detail)
         metadata = {"describes": "image"} | scene.metadata()
     else:
-        sound = synth_audio.random_sound(rng)
+        sound = synth_audio.random_sound(rng, str(rng.choice(config.sound_classes)))
         caption = synth_audio.sound_caption(sound, rng, config.caption_detail)
         metadata = {"describes": "sound"} | sound.metadata()
     return {
@@ -174,14 +201,14 @@ def brace_pattern(shards: list[str]) -> str:
     return f"{stem}{{{first}..{last}}}.tar"
 
 
-def _prompts() -> dict[str, dict[str, list[str]]]:
+def _prompts(config: SynthConfig) -> dict[str, dict[str, list[str]]]:
     return {
         "vision": {
-            "classes": list(synth_image.SHAPES),
+            "classes": list(config.image_classes),
             "templates": list(synth_image.PROMPT_TEMPLATES),
         },
         "audio": {
-            "classes": list(synth_audio.KINDS),
+            "classes": list(config.sound_classes),
             "templates": list(synth_audio.PROMPT_TEMPLATES),
         },
     }
@@ -236,7 +263,7 @@ def synthesize(
         }
     (root / "prompts").mkdir(exist_ok=True)
     prompt_files = {}
-    for modality, prompts in _prompts().items():
+    for modality, prompts in _prompts(config).items():
         path = root / "prompts" / f"{modality}.json"
         path.write_text(json.dumps(prompts, indent=2) + "\n", encoding="utf-8")
         prompt_files[modality] = path.relative_to(root).as_posix()
@@ -247,7 +274,7 @@ def synthesize(
         "sample_rate": synth_audio.SAMPLE_RATE,
         "datasets": datasets,
         "prompts": prompt_files,
-        "classes": {modality: p["classes"] for modality, p in _prompts().items()},
+        "classes": {modality: p["classes"] for modality, p in _prompts(config).items()},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from peace_core.config import AttentionBackendName, EncoderConfig, StrictModel
+from peace_core.config import AttentionBackendName, EncoderConfig, InitSchemeName, StrictModel
 from peace_core.encoder import FusionEncoder, Segment
 from peace_core.init import LINEAR_INIT_STD, init_fusion_weights
 from peace_core.layers import GeGLUFFN
@@ -47,6 +47,7 @@ class DecoderConfig(StrictModel):
     )
     norm_eps: float = Field(1e-5, gt=0.0)
     attention: AttentionBackendName = Field("auto", description="attention backend")
+    init: InitSchemeName = Field("scratch", description="weight init scheme (peace_core.init)")
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> DecoderConfig:
@@ -73,6 +74,7 @@ class DecoderConfig(StrictModel):
             "ffn_dim": min(encoder.ffn_dim, dim * 8 // 3),
             "norm_eps": encoder.norm_eps,
             "attention": encoder.attention,
+            "init": encoder.init,
         }
         return cls.model_validate({**sizes, **overrides})
 
@@ -87,6 +89,7 @@ class DecoderConfig(StrictModel):
             drop_path=0.0,
             norm_eps=self.norm_eps,
             attention=self.attention,
+            init=self.init,
         )
 
 
@@ -168,8 +171,8 @@ class PretrainDecoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Linear layers as the encoder's; mask tokens and positions trunc-normal(0, 0.02)."""
-        init_fusion_weights(self.embed)
-        init_fusion_weights(self.mask_heads)
+        init_fusion_weights(self.embed, self.config.init)
+        init_fusion_weights(self.mask_heads, self.config.init)
         std = LINEAR_INIT_STD
         for token in self.mask_tokens.values():
             nn.init.trunc_normal_(token, std=std, a=-std, b=std)

@@ -122,7 +122,10 @@ def _series(records: Iterable[Mapping[str, Any]], name: str) -> tuple[list[int],
 def plot_metrics(
     records: list[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = ""
 ) -> Path | None:
-    """A PNG of the loss curves: total loss, each loss term, and the learning rate.
+    """A PNG of the training curves: total loss, each loss term (the aligning losses with their
+    chance level ln(candidates) dashed), alignment accuracy and embedding spread (the collapse
+    guard's view: spread 1 = random unit vectors, 0 = every embedding the same), and the
+    learning rate.
 
     Returns the path, or None when there is nothing to plot.
     """
@@ -133,18 +136,28 @@ def plot_metrics(
 
     names = sorted({key for record in records for key in record})
     terms = [n for n in names if n.startswith(("align:", "dcl:"))]
-    figure = Figure(figsize=(12, 4), layout="constrained")
-    total_ax, terms_ax, lr_ax = figure.subplots(1, 3)
+    health = [n for n in names if n.startswith(("align_acc:", "spread:"))]
+    figure = Figure(figsize=(16, 4), layout="constrained")
+    total_ax, terms_ax, health_ax, lr_ax = figure.subplots(1, 4)
     total_ax.plot(*_series(records, "loss"), color="black")
     total_ax.set_title("total loss")
     for name in terms:
-        terms_ax.plot(*_series(records, name), label=name)
-    terms_ax.set_title("loss terms")
+        (line,) = terms_ax.plot(*_series(records, name), label=name)
+        chance_steps, chance = _series(records, "align_chance:" + name.split(":", 1)[1])
+        if name.startswith("align:") and chance:
+            terms_ax.plot(chance_steps, chance, linestyle="--", color=line.get_color(), alpha=0.6)
+    terms_ax.set_title("loss terms (dashed: aligning loss at chance)")
     if terms:
         terms_ax.legend(fontsize="small")
+    for name in health:
+        health_ax.plot(*_series(records, name), label=name)
+    health_ax.set_title("alignment accuracy and embedding spread")
+    health_ax.set_ylim(0.0, 1.05)
+    if health:
+        health_ax.legend(fontsize="small")
     lr_ax.plot(*_series(records, "lr"), color="tab:green")
     lr_ax.set_title("learning rate")
-    for axis in (total_ax, terms_ax, lr_ax):
+    for axis in (total_ax, terms_ax, health_ax, lr_ax):
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     if title:

@@ -17,6 +17,7 @@ and ``"joint:<modality>"``; a view whose weight is 0 is skipped entirely (no for
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from peace_core.config import StrictModel
-from peace_core.losses import AligningContrast, DenoisingContrast
+from peace_core.losses import AligningContrast, DenoisingContrast, embedding_spread
 from peace_core.model import JOINT_LEADER, ModalityOutput, PeaceModel
 from peace_core.pretrain.decoder import DecoderConfig, DecoderView, PretrainDecoder
 from peace_registry import BuildContext, Masker, Registry, get_registry
@@ -156,7 +157,9 @@ class PretrainObjective(nn.Module):
     ``maskers`` replaces the plugins' maskers (by modality); by default every modality's masker is
     built from ``registry`` (the process registry when None) with the model's options.
     Metrics (plain floats): ``loss``, ``align:<X>``, ``align_acc:<X>->text``,
-    ``align_acc:text-><X>``, ``logit_scale`` (the scale 1/τ used), and per denoising view
+    ``align_acc:text-><X>``, ``logit_scale`` (the scale 1/τ used), ``align_chance:<X>`` (the
+    aligning loss of an uninformed model: ln of the candidates per row), ``spread:<X>`` and
+    ``spread:text`` (:func:`~peace_core.losses.embedding_spread`), and per denoising view
     ``dcl:<view>`` and ``dcl_acc:<view>`` (NaN when nothing was masked).
     """
 
@@ -347,6 +350,13 @@ class PretrainObjective(nn.Module):
             metrics[f"align_acc:{x}->text"] = float(aligned.accuracy_a2t)
             metrics[f"align_acc:text->{x}"] = float(aligned.accuracy_t2a)
             metrics["logit_scale"] = float(aligned.scale)
+            # The collapse guard's inputs: the loss at chance (ln of the candidates each row is
+            # contrasted with) and how much each side's embeddings vary across the batch.
+            metrics[f"align_chance:{x}"] = math.log(aligned.logits_a2t.shape[1])
+            metrics[f"spread:{x}"] = float(embedding_spread(single[x].embedding))
+            metrics[f"spread:{JOINT_LEADER}"] = float(
+                embedding_spread(single[JOINT_LEADER].embedding)
+            )
 
         # 5. Denoising views: students encode kept units, the decoder fills the rest.
         for m in plan.single_views:

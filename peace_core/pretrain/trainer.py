@@ -52,6 +52,7 @@ from peace_core.pretrain.checkpoints import (
     stats_from_plain,
     stats_to_plain,
 )
+from peace_core.pretrain.collapse import CollapseGuard
 from peace_core.pretrain.config import PretrainConfig
 from peace_core.pretrain.freeze import FreezeReport, apply_freeze
 from peace_core.pretrain.logging import (
@@ -171,6 +172,8 @@ class Trainer:
         self._last_checkpoint: Path | None = None
         self._last_checkpoint_step = -1
         self._epoch_start_stats = DataStats()
+        #: Collapse warnings printed during this run (also in summary.yaml).
+        self.collapse_warnings: list[str] = []
 
     # ------------------------------------------------------------------------ setup
 
@@ -525,6 +528,7 @@ class Trainer:
         window_samples, window_start = 0, time.perf_counter()
         run_start, run_samples = time.perf_counter(), 0
         batches = self._batches()
+        guard = CollapseGuard(warmup_steps=self.schedule.warmup_steps)
         bar = self._progress_bar(stop)
         try:
             while self.step < stop:
@@ -548,6 +552,9 @@ class Trainer:
                     record.update(self._data_metrics())
                     if self._logger is not None:
                         records.append(self._logger.log(self.step, record))
+                    for warning in guard.check(self.step, record):
+                        self.collapse_warnings.append(warning)
+                        self._say(warning)
                     window, window_samples, window_start = [], 0, time.perf_counter()
                 if self.step % config.checkpoint_every == 0 and self.step < stop:
                     self.save_checkpoint()
@@ -609,6 +616,7 @@ class Trainer:
                 "checkpoint": str(self._last_checkpoint) if self._last_checkpoint else None,
                 "model": str(model_path),
                 "plot": str(plot) if plot else None,
+                "collapse_warnings": list(self.collapse_warnings),
             }
             from peace_core.config_io import save_config
 

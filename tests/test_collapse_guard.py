@@ -1,0 +1,58 @@
+"""The collapse guard and the embedding spread it reads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peace_core.losses import embedding_spread
+from peace_core.pretrain.collapse import CollapseGuard
+
+CHANCE = math.log(32)
+
+
+def _record(loss: float, spread: float = 0.01) -> dict[str, float]:
+    return {
+        "align:vision": loss,
+        "align_chance:vision": CHANCE,
+        "spread:vision": spread,
+        "spread:text": spread,
+        "loss": 18.0,
+    }
+
+
+def test_spread_is_about_one_for_random_directions_and_zero_when_collapsed() -> None:
+    torch.manual_seed(0)
+    random = F.normalize(torch.randn(512, 64), dim=-1)
+    assert embedding_spread(random).item() == pytest.approx(1.0, abs=0.05)
+    same = F.normalize(torch.randn(1, 64), dim=-1).expand(32, -1)
+    assert embedding_spread(same).item() == pytest.approx(0.0, abs=1e-6)
+    assert embedding_spread(random[:1]).item() == 0.0
+    with pytest.raises(ValueError, match=r"expected \[B,D\]"):
+        embedding_spread(torch.randn(4))
+
+
+def test_guard_warns_once_when_the_loss_stays_at_chance_after_warmup() -> None:
+    guard = CollapseGuard(warmup_steps=30, patience=3)
+    stuck = _record(CHANCE * 1.004)
+    # During warm-up nothing is said, however stuck.
+    for step in (10, 20, 30):
+        assert guard.check(step, stuck) == []
+    (warning,) = guard.check(40, stuck)  # the first stuck record past warm-up
+    assert "collapse warning at step 40" in warning
+    assert "vision-text" in warning and f"{CHANCE:.4f}" in warning
+    assert "vision 0.010" in warning and "optim.lr" in warning
+    assert guard.check(50, stuck) == []  # said once per pair
+
+
+def test_guard_is_quiet_when_the_loss_leaves_chance() -> None:
+    guard = CollapseGuard(warmup_steps=0, patience=2)
+    assert guard.check(10, _record(CHANCE)) == []
+    assert guard.check(20, _record(0.95 * CHANCE)) == []  # progress resets the count
+    assert guard.check(30, _record(CHANCE)) == []
+    assert guard.check(40, _record(0.5 * CHANCE)) == []
+    # Records without an aligning loss (e.g. a denoising-only batch) are ignored.
+    assert guard.check(50, {"loss": 3.0, "dcl:vision": 2.0}) == []
