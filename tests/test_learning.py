@@ -19,16 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import peace_core as peace
+from peace_core.data.synth_image import COLOURS
 from peace_core.losses import embedding_spread
 
-COLOURS = {
-    "red": (215, 35, 35),
-    "green": (35, 165, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 210, 35),
-    "purple": (135, 55, 175),
-    "orange": (245, 135, 25),
-}
 TEMPLATES = (
     "a {} picture.",
     "the colour is {}, mostly.",
