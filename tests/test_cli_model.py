@@ -80,7 +80,7 @@ def test_embed_files_and_strings(tiny_checkpoint, tmp_path, capsys):
     expected = model.encode(vision=[image], text=["a red star"])
     assert np.allclose(np.load(out / "vision.npy"), expected["vision"].numpy(), atol=1e-5)
     assert np.allclose(np.load(out / "text.npy"), expected["text"].numpy(), atol=1e-5)
-    assert np.load(out / "audio.npy").shape == (1, 64)
+    assert np.load(out / "audio.npy").shape == (1, 128)
     index = [json.loads(line) for line in (out / "text.index.jsonl").read_text().splitlines()]
     assert index == [{"row": 0, "source": "a red star"}]
 
@@ -94,7 +94,7 @@ def test_embed_shards_skips_bad_samples(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "emb"
     args = ["embed", str(tiny_checkpoint), "--shards", str(shard), "--modality", "vision", "text"]
     assert main([*args, "--out", str(out), "--batch-size", "2"]) == 0
-    assert np.load(out / "vision.npy").shape == (5, 64)
+    assert np.load(out / "vision.npy").shape == (5, 128)
     sources = (out / "vision.index.jsonl").read_text()
     assert "s4" in sources and "broken" not in sources
     assert "broken" in capsys.readouterr().out  # the skipped sample is reported

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from peace_core.losses import embedding_spread
-from peace_core.pretrain.collapse import CollapseGuard
+from peace_core.pretrain.collapse import CollapseGuard, patience_for
 
 CHANCE = math.log(32)
 
@@ -36,23 +36,41 @@ def test_spread_is_about_one_for_random_directions_and_zero_when_collapsed() -> 
 
 
 def test_guard_warns_once_when_the_loss_stays_at_chance_after_warmup() -> None:
-    guard = CollapseGuard(warmup_steps=30, patience=3)
+    guard = CollapseGuard(warmup_steps=30, patience_steps=30)
     stuck = _record(CHANCE * 1.004)
-    # During warm-up nothing is said, however stuck.
-    for step in (10, 20, 30):
-        assert guard.check(step, stuck) == []
-    (warning,) = guard.check(40, stuck)  # the first stuck record past warm-up
-    assert "collapse warning at step 40" in warning
+    # During warm-up nothing is said, however stuck; then the patience counts from step 40.
+    for step in (10, 20, 30, 40, 50, 60):
+        assert guard.check(step, stuck) == [], step
+    (warning,) = guard.check(70, stuck)  # 30 steps at chance past warm-up
+    assert "collapse warning at step 70" in warning and "the last 30" in warning
     assert "vision-text" in warning and f"{CHANCE:.4f}" in warning
     assert "vision 0.010" in warning and "optim.lr" in warning
-    assert guard.check(50, stuck) == []  # said once per pair
+    assert guard.check(80, stuck) == []  # said once per pair
 
 
 def test_guard_is_quiet_when_the_loss_leaves_chance() -> None:
-    guard = CollapseGuard(warmup_steps=0, patience=2)
+    guard = CollapseGuard(warmup_steps=0, patience_steps=20)
     assert guard.check(10, _record(CHANCE)) == []
-    assert guard.check(20, _record(0.95 * CHANCE)) == []  # progress resets the count
+    assert guard.check(20, _record(0.95 * CHANCE)) == []  # progress restarts the count
     assert guard.check(30, _record(CHANCE)) == []
-    assert guard.check(40, _record(0.5 * CHANCE)) == []
+    assert guard.check(40, _record(CHANCE)) == []
+    assert guard.check(50, _record(0.5 * CHANCE)) == []
+    assert guard.check(60, _record(CHANCE)) == []
+
+
+def test_a_plateau_with_spread_out_embeddings_gets_three_times_the_patience() -> None:
+    guard = CollapseGuard(warmup_steps=0, patience_steps=20)
+    plateau = _record(CHANCE, spread=0.25)  # a run from scratch before the contrast takes hold
+    for step in range(10, 70, 10):
+        assert guard.check(step, plateau) == [], step
+    (warning,) = guard.check(70, plateau)
+    assert "the last 60" in warning
     # Records without an aligning loss (e.g. a denoising-only batch) are ignored.
     assert guard.check(50, {"loss": 3.0, "dcl:vision": 2.0}) == []
+
+
+@pytest.mark.parametrize(
+    ("total", "log_every", "expected"), [(300, 10, 100), (5000, 10, 500), (300, 50, 150)]
+)
+def test_patience_is_a_share_of_the_run(total: int, log_every: int, expected: int) -> None:
+    assert patience_for(total, log_every) == expected

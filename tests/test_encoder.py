@@ -665,13 +665,13 @@ def test_tiny_preset_builds_and_runs() -> None:
     encoder = FusionEncoder(config, {"text": lambda: GeGLUFFN(config.dim, config.ffn_dim)})
     tokens = torch.randn(2, 5, config.dim)
     out = encoder([Segment("text", tokens, torch.zeros(2, 5, dtype=torch.bool))])
-    assert out.hidden[0].shape == (2, 5, 64)
+    assert out.hidden[0].shape == (2, 5, 128)
 
 
 def test_get_preset_is_a_copy_and_unknown_names_suggest() -> None:
     preset = get_preset("tiny")
     preset["encoder"]["dim"] = 3
-    assert PRESETS["tiny"]["config"]["encoder"]["dim"] == 64
+    assert PRESETS["tiny"]["config"]["encoder"]["dim"] == 128
     with pytest.raises(KeyError, match="did you mean 'tiny'"):
         get_preset("tiyn")
     with pytest.raises(KeyError, match="available presets"):

@@ -9,6 +9,7 @@ import math
 import random
 import tarfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from peace_core.checkpoint import CheckpointError, read_checkpoint
 from peace_core.cli import main as peace_main
 from peace_core.config_io import ConfigError, load_config, read_config_file
 from peace_core.data import SynthConfig, synthesize
+from peace_core.data.pipeline import raw_samples
 from peace_core.pretrain.build import build_model
 from peace_core.pretrain.checkpoints import CheckpointStore
 from peace_core.pretrain.config import PretrainConfig, load_pretrain_config
@@ -339,7 +341,51 @@ def test_example_configs_hold_the_official_hyper_parameters() -> None:
     assert stage2.objective.weights.dcl("text") == 0.0
     assert stage2.objective.single_targets_from_joint == ["audio"]
     tiny2 = load_pretrain_config(REPO / "configs" / "stage2_tiny.toml")
-    assert tiny2.model.init_from == "runs/stage1_tiny" and tiny2.freeze.train_only == ["audio"]
+    assert tiny2.model.init_from == "runs/stage1_tiny"
+    assert tiny2.freeze.train_only == ["audio", "text"]
+
+
+def test_a_fit_tokenizer_is_trained_on_the_run_captions_and_kept_by_the_next_stage(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    raw = stage1_config(synth_root, tmp_path / "s1")
+    fit = {"tokenizer": {"kind": "fit", "vocab_size": 300}}
+    raw["model"]["options"] = {"text": fit}
+    raw["schedule"] = {"total_steps": 2}
+    trainer = Trainer(validated(raw), progress=False)
+    result = trainer.fit()
+    text = trainer.objective.model.config.modalities["text"]
+    assert text["tokenizer"]["kind"] == "trained"
+    assert 260 < text["vocab_size"] <= 300
+    # The fitted tokenizer travels with the model: it encodes a caption word in fewer tokens.
+    model = from_pretrained(result.model_path)
+    assert model.config.modalities["text"] == text
+    ids = model.preprocess(text=["a red square"])["text"]["tokens"]
+    assert ids.shape[-1] < len("a red square") + 1
+    # Fitting again on the same data gives the same tokenizer (a resumed run rebuilds it).
+    again = build_model(validated(raw).model, samples=partial(raw_samples, validated(raw).data))
+    assert again.config.modalities["text"] == text
+
+    # Stage 2 keeps the checkpoint's tokenizer (its text weights were trained with it); asking
+    # to fit another one is refused, not done.
+    stage2 = stage2_config(synth_root, tmp_path / "s2", tmp_path / "s1")
+    second = Trainer(validated(stage2), progress=False)
+    second.setup()
+    assert second.objective.model.config.modalities["text"]["tokenizer"] == text["tokenizer"]
+    stage2["model"]["options"] = {"text": fit}
+    with pytest.raises(ValueError, match=r"model.options.text asks for options fitted"):
+        Trainer(validated(stage2), progress=False).setup()
+
+
+def test_a_fit_tokenizer_needs_captions(synth_root: Path, tmp_path: Path) -> None:
+    raw = stage1_config(synth_root, tmp_path / "run")
+    raw["model"]["options"] = {"text": {"tokenizer": {"kind": "fit"}}}
+    config = validated(raw)
+    with pytest.raises(ValueError, match="no captions"):
+        build_model(config.model, samples=lambda modality: iter([{"png": b"x"}]))
+    # Built without data, the unfitted tokenizer says how to fit it.
+    with pytest.raises(ValueError, match=r"has not been trained yet.*fit_text_options"):
+        build_model(config.model)
 
 
 def test_init_from_takes_the_preset_with_its_overrides(tmp_path: Path) -> None:

@@ -317,6 +317,16 @@ class WebDataPipeline(IterableDataset):
         }
 
 
+def raw_samples(config: DataConfig, modality: str) -> Iterator[dict[str, Any]]:
+    """Raw samples (webdataset dicts) of every dataset holding ``modality``, shards in the order
+    they are listed, read lazily; unreadable shards are skipped (training reports them)."""
+    for dataset in config.datasets:
+        if modality not in dataset.modalities:
+            continue
+        urls = ({"url": url} for url in expand_shards(dataset.urls, dataset=dataset.name))
+        yield from tarfile_samples(urls, handler=lambda exc: True)
+
+
 def _shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
     """Shuffle a stream through a buffer of ``buffer`` items (0: keep the order)."""
     if buffer <= 1:

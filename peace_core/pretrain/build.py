@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,13 +33,22 @@ _STRUCTURAL_ENCODER_FIELDS = ("dim", "depth", "heads", "ffn_dim", "rel_pos_table
 # Building the model
 
 
+#: ``samples(modality)``: the raw training samples that hold ``modality`` (read lazily).
+TrainingSamples = Callable[[str], Iterable[Mapping[str, Any]]]
+
+
 def build_model(
     section: ModelSection,
     *,
     grad_checkpointing: bool = False,
     registry: Registry | None = None,
+    samples: TrainingSamples | None = None,
 ) -> PeaceModel:
-    """The model a :class:`ModelSection` describes (see its docstring), fp32, in train mode."""
+    """The model a :class:`ModelSection` describes (see its docstring), fp32, in train mode.
+
+    With ``samples``, the options of every modality that starts fresh are first fitted to its
+    training samples by its plugin (``ModalitySpec.fit_options``, e.g. a tokenizer).
+    """
     registry = registry or get_registry()
     overrides = dict(section.overrides)
     if grad_checkpointing:
@@ -47,12 +56,18 @@ def build_model(
     if section.init_from is None:
         config = resolve_config(section.architecture(), section.modalities, registry, **overrides)
         config = _with_options(config, section, registry)
+        config = fit_options(config, config.modalities, registry, samples)
         return create_model(config, registry=registry).train()
     source = find_checkpoint(section.init_from)
     converted = convert_checkpoint(source, registry)
     base = _merge_init_config(section, converted.config, registry)
     config = resolve_config(base, section.modalities, registry, **overrides)
     config = _with_options(config, section, registry)
+    # Modalities the checkpoint holds keep the options their weights were trained with.
+    saved = set(converted.config.get("modalities") or {})
+    _refuse_refit(config, saved, registry, section)
+    fresh = [name for name in config.modalities if name not in saved]
+    config = fit_options(config, fresh, registry, samples)
     merged = ConvertedCheckpoint(
         config=config.model_dump(mode="json"),
         state_dict=converted.state_dict,
@@ -72,6 +87,58 @@ def build_model(
             source=str(source),
         )
     return model.train()
+
+
+def fit_options(
+    config: ModelConfig,
+    modalities: Iterable[str],
+    registry: Registry,
+    samples: TrainingSamples | None,
+) -> ModelConfig:
+    """``config`` with the options of ``modalities`` fitted to their training samples by their
+    plugins (those that fit nothing return their options unchanged)."""
+    if samples is None:
+        return config
+    raw = config.model_dump(mode="json")
+    changed = False
+    for name in modalities:
+        spec = registry.modality(name)
+        if spec.fit_options is None:
+            continue
+        options = spec.options.model_validate(raw["modalities"][name])
+        fitted = spec.fit_options(options, samples(name))
+        if fitted is not options:
+            raw["modalities"][name] = fitted.model_dump(mode="json")
+            changed = True
+    return resolve_config(raw, registry=registry) if changed else config
+
+
+class _DataNeededError(Exception):
+    """Raised by :class:`_NoSamples` when a plugin starts reading samples to fit options."""
+
+
+class _NoSamples:
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        raise _DataNeededError
+
+
+def _refuse_refit(
+    config: ModelConfig, saved: set[str], registry: Registry, section: ModelSection
+) -> None:
+    """Options of a modality whose weights come from the checkpoint cannot be fitted anew (a
+    new tokenizer would not match the trained embeddings): say so instead of training on."""
+    for name in sorted(saved & set(config.modalities)):
+        spec = registry.modality(name)
+        if spec.fit_options is None:
+            continue
+        try:
+            spec.fit_options(spec.options.model_validate(config.modalities[name]), _NoSamples())
+        except _DataNeededError:
+            raise ValueError(
+                f"model.options.{name} asks for options fitted to the data, but {name!r} comes "
+                f"trained from model.init_from {section.init_from!r} with its own; drop that "
+                f"setting from model.options.{name}"
+            ) from None
 
 
 def _with_options(config: ModelConfig, section: ModelSection, registry: Registry) -> ModelConfig:

@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from peace_core.checkpoint import CheckpointError, read_checkpoint
-from peace_core.data.pipeline import WebDataLoader, derive_seed
+from peace_core.data.pipeline import WebDataLoader, derive_seed, raw_samples
 from peace_core.data.stats import DataStats
 from peace_core.factory import (
     save_pretrained,
@@ -52,7 +53,7 @@ from peace_core.pretrain.checkpoints import (
     stats_from_plain,
     stats_to_plain,
 )
-from peace_core.pretrain.collapse import CollapseGuard
+from peace_core.pretrain.collapse import CollapseGuard, patience_for
 from peace_core.pretrain.config import PretrainConfig
 from peace_core.pretrain.freeze import FreezeReport, apply_freeze
 from peace_core.pretrain.logging import (
@@ -172,7 +173,7 @@ class Trainer:
         self._last_checkpoint: Path | None = None
         self._last_checkpoint_step = -1
         self._epoch_start_stats = DataStats()
-        #: Collapse warnings printed during this run (also in summary.yaml).
+        #: Collapse warnings printed during this run (also in summary.json).
         self.collapse_warnings: list[str] = []
 
     # ------------------------------------------------------------------------ setup
@@ -188,7 +189,10 @@ class Trainer:
 
         seed_everything(config.seed)  # the same initial weights on every rank
         model = build_model(
-            config.model, grad_checkpointing=config.grad_checkpointing, registry=self.registry
+            config.model,
+            grad_checkpointing=config.grad_checkpointing,
+            registry=self.registry,
+            samples=partial(raw_samples, config.data),
         )
         self._check_data_modalities(model)
         self.objective = PretrainObjective(model, config.objective, registry=self.registry)
@@ -528,7 +532,10 @@ class Trainer:
         window_samples, window_start = 0, time.perf_counter()
         run_start, run_samples = time.perf_counter(), 0
         batches = self._batches()
-        guard = CollapseGuard(warmup_steps=self.schedule.warmup_steps)
+        guard = CollapseGuard(
+            warmup_steps=self.schedule.warmup_steps,
+            patience_steps=patience_for(self.schedule.total_steps, self.config.log_every),
+        )
         bar = self._progress_bar(stop)
         try:
             while self.step < stop:

@@ -12,7 +12,7 @@ library loads with a warning (it may use hooks this library does not call).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import nn
 
-PLUGIN_API_VERSION = "1.0"
+PLUGIN_API_VERSION = "1.1"
 
 #: Modality names become checkpoint keys and ``nn.ModuleDict`` keys.
 MODALITY_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -70,6 +70,15 @@ class ModalitySpec:
     #: Option values for self-checks (the conformance suite, ``peace plugins check``): small sizes
     #: and nothing that needs external files, for modalities whose defaults do.
     check_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    #: Options fitted to training data (API 1.1), e.g. a tokenizer trained on the captions:
+    #: ``fit_options(options, samples)`` returns the options to build with. ``peace pretrain``
+    #: calls it once before it builds a fresh modality; ``samples`` is a lazy iterable of the raw
+    #: training samples (webdataset dicts, extension -> bytes) of every dataset that holds the
+    #: modality, read only as far as the plugin iterates. Return ``options`` unchanged when there
+    #: is nothing to fit; the result must build without data (it travels in the checkpoint).
+    fit_options: Callable[[BaseModel, Iterable[Mapping[str, Any]]], BaseModel] | None = field(
+        default=None, hash=False
+    )
 
     def __post_init__(self) -> None:
         check_modality_name(self.name)

@@ -82,8 +82,30 @@ class ByteTokenizerOptions(_Strict):
     kind: Literal["bytes"] = "bytes"
 
 
+class FitTokenizerOptions(_Strict):
+    """A byte-level BPE to be trained on the run's training captions before the model is built.
+
+    ``peace pretrain`` fits it (and in Python, :func:`peace_text.fit_text_options`): the result is
+    a ``trained`` tokenizer embedded in the options, so the checkpoint carries it. A vocabulary
+    made for the captions at hand gives a small model far shorter, more meaningful token sequences
+    than raw bytes, and it needs no files.
+    """
+
+    kind: Literal["fit"] = "fit"
+    vocab_size: int = Field(
+        1024,
+        ge=BYTE_VOCAB_SIZE,
+        description="most ids to learn (4 specials + 256 bytes + merges); fewer when the "
+        "captions have fewer frequent pairs",
+    )
+    min_frequency: int = Field(2, ge=1, description="a merge needs at least this many uses")
+    max_texts: int = Field(
+        50_000, ge=1, description="captions read from the training data to train on"
+    )
+
+
 TokenizerOptions = Annotated[
-    OfficialTokenizerOptions | TrainedTokenizerOptions | ByteTokenizerOptions,
+    OfficialTokenizerOptions | TrainedTokenizerOptions | ByteTokenizerOptions | FitTokenizerOptions,
     Field(discriminator="kind"),
 ]
 
@@ -153,7 +175,8 @@ class TextOptions(_Strict):
     lowercase: bool = Field(True, description="lower-case text before tokenizing")
     tokenizer: TokenizerOptions = Field(
         default_factory=OfficialTokenizerOptions,
-        description="which tokenizer turns text into ids: official, trained or bytes",
+        description="which tokenizer turns text into ids: official, trained, bytes, or fit "
+        "(trained on the training captions when a run starts)",
     )
     mask_ratio: float = Field(
         0.15, ge=0, le=1, description="fraction of words hidden in the text-only denoising view"
@@ -190,6 +213,11 @@ class TextOptions(_Strict):
                 f"tokenizer's vocabulary of {expected_vocab}; set vocab_size={expected_vocab}"
             )
         return self
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether the tokenizer is still to be trained on data (``kind = "fit"``)."""
+        return isinstance(self.tokenizer, FitTokenizerOptions)
 
     def _known_tokenizer_vocab(self) -> int | None:
         """The tokenizer's vocabulary size when it is known without reading files (the official

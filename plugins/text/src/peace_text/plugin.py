@@ -5,7 +5,8 @@ Only cheap imports here: torch and tokenizers are imported inside the factories.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from peace_registry.contract import (
     AdapterSpec,
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from peace_text.masking import WholeWordMasker
     from peace_text.preprocess import TextPreprocessor
 
-PEACE_PLUGIN_API = "1.0"
+PEACE_PLUGIN_API = "1.1"
 
 MODALITY = "text"
 
@@ -40,10 +41,19 @@ def _options(options: BaseModel) -> TextOptions:
     return options
 
 
+def _fitted(options: BaseModel) -> TextOptions:
+    text_options = _options(options)
+    if text_options.needs_fit:
+        from peace_text.tokenizer import build_tokenizer
+
+        build_tokenizer(text_options)  # raises, saying how to fit the tokenizer first
+    return text_options
+
+
 def build_adapter(ctx: BuildContext) -> nn.Module:
     from peace_text.adapter import TextAdapter
 
-    _options(ctx.options)
+    _fitted(ctx.options)
     return TextAdapter.from_context(ctx)
 
 
@@ -62,7 +72,13 @@ def build_masker(ctx: BuildContext) -> WholeWordMasker:
 def build_preprocessor(options: BaseModel) -> TextPreprocessor:
     from peace_text.preprocess import TextPreprocessor
 
-    return TextPreprocessor(_options(options))
+    return TextPreprocessor(_fitted(options))
+
+
+def fit_options(options: BaseModel, samples: Iterable[Mapping[str, Any]]) -> BaseModel:
+    from peace_text.fit import fit_text_options
+
+    return fit_text_options(_options(options), samples)
 
 
 @hookimpl
@@ -76,6 +92,7 @@ def peace_register_modalities(register: Register) -> None:
             options=TextOptions,
             # The official tokenizer needs ONE-PEACE's BPE files; self-checks use the byte one.
             check_options={"vocab_size": 260, "tokenizer": {"kind": "bytes"}},
+            fit_options=fit_options,
         )
     )
 

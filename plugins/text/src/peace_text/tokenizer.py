@@ -8,6 +8,7 @@ from peace_text.byte_tokenizer import ByteTokenizer
 from peace_text.official import OfficialTokenizer
 from peace_text.options import (
     ByteTokenizerOptions,
+    FitTokenizerOptions,
     OfficialTokenizerOptions,
     TextOptions,
     TrainedTokenizerOptions,
@@ -18,6 +19,10 @@ from peace_text.trained import TrainedTokenizer
 
 class TokenizerMismatchError(ValueError):
     """The text options' vocabulary size differs from their tokenizer's."""
+
+
+class TokenizerFitError(ValueError):
+    """A ``fit`` tokenizer is used before it was trained, or cannot be trained (no captions)."""
 
 
 def build_tokenizer(options: TextOptions) -> TextTokenizer:
@@ -34,6 +39,12 @@ def build_tokenizer(options: TextOptions) -> TextTokenizer:
         tokenizer = TrainedTokenizer.from_options(spec, **settings)
     elif isinstance(spec, ByteTokenizerOptions):
         tokenizer = ByteTokenizer.from_options(spec, **settings)
+    elif isinstance(spec, FitTokenizerOptions):
+        raise TokenizerFitError(
+            "the text tokenizer (kind 'fit') has not been trained yet: peace pretrain trains it "
+            "on the training captions; in Python, call peace_text.fit_text_options(options, "
+            "samples) first"
+        )
     else:  # pragma: no cover - the options' discriminated union admits nothing else
         raise TypeError(f"unknown tokenizer options {type(spec).__name__}")
     if tokenizer.vocab_size != options.vocab_size:
