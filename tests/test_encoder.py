@@ -651,8 +651,8 @@ def test_preset_sizes() -> None:
     sizes = {
         name: ModelConfig(**get_preset(name)).encoder for name in ("tiny", "base", "one-peace-4b")
     }
-    assert (sizes["tiny"].dim, sizes["tiny"].depth, sizes["tiny"].heads) == (64, 2, 4)
-    assert sizes["tiny"].ffn_dim == 128
+    assert (sizes["tiny"].dim, sizes["tiny"].depth, sizes["tiny"].heads) == (128, 2, 4)
+    assert sizes["tiny"].ffn_dim == 256
     assert (sizes["base"].dim, sizes["base"].depth, sizes["base"].ffn_dim) == (768, 12, 3072)
     official = sizes["one-peace-4b"]
     assert (official.dim, official.depth, official.heads, official.ffn_dim) == (1536, 40, 24, 6144)

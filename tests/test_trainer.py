@@ -406,7 +406,7 @@ def test_init_from_takes_the_preset_with_its_overrides(tmp_path: Path) -> None:
     )
     # Without the overrides the preset names another encoder: a clear error.
     plain = section.model_copy(update={"overrides": {}})
-    with pytest.raises(ValueError, match=r"another encoder.*dim \(64 vs 32\)"):
+    with pytest.raises(ValueError, match=r"another encoder.*dim \(128 vs 32\)"):
         build_model(plain)
 
 

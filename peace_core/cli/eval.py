@@ -111,4 +111,6 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     print_metrics(metrics, console)
     console.print(f"wrote {args.out / 'metrics.json'}")
+    if "plots_skipped" in metrics:
+        console.print(f"no plots: {metrics['plots_skipped']}")
     return 0

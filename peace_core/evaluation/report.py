@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from peace_core.evaluation.classification import LABEL_FIELDS
+from peace_core.extras import TRAIN_EXTRA, available, require
 
 if TYPE_CHECKING:
     from peace_core.evaluation.zero_shot import EvaluationResult, ModalityEmbeddings
@@ -28,8 +29,7 @@ LOSS_PREFIXES: tuple[str, ...] = ("loss", "align:", "dcl:")
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -314,11 +314,17 @@ def write_evaluation_report(
 ) -> dict[str, Any]:
     """Write ``metrics.json`` (plus ``extra`` fields), one confusion matrix PNG per classified
     modality and one similarity heatmap per retrieval pair under ``out``; returns the metrics
-    with the written files listed under ``"files"``."""
+    with the written files listed under ``"files"``. Without matplotlib (``peace-core[train]``)
+    only ``metrics.json`` is written and ``"plots_skipped"`` says why."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {**(extra or {}), **result.to_dict()}
     files: dict[str, str] = {}
+    if not available("matplotlib"):
+        metrics["files"] = files
+        metrics["plots_skipped"] = f"matplotlib is not installed: {TRAIN_EXTRA}"
+        write_metrics(metrics, out / "metrics.json")
+        return metrics
     for task, scored in result.classification.items():
         name = f"confusion_{task.replace(':', '_')}.png"
         plot_confusion_matrix(

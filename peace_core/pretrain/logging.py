@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from peace_core.extras import available, require
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 
@@ -44,6 +46,7 @@ class MetricsLogger:
         self._file = self.path.open("a", encoding="utf-8")
         self._writer = None
         if tensorboard:
+            require("tensorboard", "TensorBoard logging (tensorboard = false turns it off)")
             from torch.utils.tensorboard import SummaryWriter
 
             purge = resume_step + 1 if resume_step is not None else None
@@ -127,9 +130,10 @@ def plot_metrics(
     guard's view: spread 1 = random unit vectors, 0 = every embedding the same), and the
     learning rate.
 
-    Returns the path, or None when there is nothing to plot.
+    Returns the path, or None when there is nothing to plot or matplotlib is not installed
+    (``peace-core[train]``).
     """
-    if not any("loss" in record for record in records):
+    if not any("loss" in record for record in records) or not available("matplotlib"):
         return None
     # A bare Figure renders through Agg without pyplot: no display, no global backend change.
     from matplotlib.figure import Figure
