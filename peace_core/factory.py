@@ -75,6 +75,15 @@ def resolve_config(
         missing = [name for name in configured if name not in available]
         if missing:
             registry.modality(missing[0])  # raises: says whether it failed or is unknown
+    if isinstance(name_or_config, str):
+        # Each plugin's options for this preset, under what the preset itself sets.
+        raw["modalities"] = {
+            name: {
+                **registry.modality(name).preset_options.get(name_or_config, {}),
+                **(options or {}),
+            }
+            for name, options in raw["modalities"].items()
+        }
     try:
         return ModelConfig.model_validate(raw)
     except ValidationError as err:

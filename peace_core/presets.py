@@ -1,8 +1,10 @@
 """Architecture presets as plain data.
 
 ``PRESETS[name]`` is ``{"description": str, "config": dict}``; ``config`` is valid for
-:class:`peace_core.config.ModelConfig` (name, encoder sizes, per-modality option dicts).
-Modality option dicts stay empty (the plugins' defaults) unless a preset needs other sizes.
+:class:`peace_core.config.ModelConfig` (name, encoder sizes, the first-party modality list with
+empty option dicts). Presets hold encoder sizes only: each plugin sizes its own modality for a
+preset (``ModalitySpec.preset_options``, e.g. the tiny preset's 64-px images), and a model built
+from the preset's name takes those options.
 LayerScale follows CaiT's rule of thumb (0.1 up to ~18 layers, smaller for deeper stacks), so the
 small presets learn quickly from scratch; ``one-peace-4b`` uses the official 1e-6. ``tiny`` has two
 layers and needs none (1.0): with 0.1 its CLS embeddings start nearly identical, which slows the
@@ -45,31 +47,6 @@ def _preset(
     }
 
 
-#: The tiny preset's inputs, sized for a laptop CPU: 64-px images (4x4 patches); 8 kHz audio
-#: (speech and most sounds stay recognisable below 4 kHz, at half the cost of 16 kHz) through a
-#: light 32-channel extractor (40 ms frames) and a one-layer positional conv, clips up to 5 s; the
-#: byte-level text tokenizer, so that it needs no files. Training recipes set the text tokenizer
-#: to ``fit`` (a BPE trained on the run's captions): far shorter sequences than raw bytes.
-_TINY_MODALITIES: dict[str, dict[str, Any]] = {
-    "vision": {"image_size": 64},
-    "audio": {
-        "sample_rate": 8000,
-        "feature_layers": [[32, 20, 10], [32, 8, 4], [32, 4, 4], [32, 2, 2]],
-        "conv_pos_depth": 1,
-        "conv_pos_width": 9,
-        "bucket_size": 64,
-        "max_duration": 5.0,
-    },
-    "text": {
-        "vocab_size": 260,
-        "tokenizer": {"kind": "bytes"},
-        "max_positions": 130,
-        "bucket_size": 32,
-        "max_tokens": 96,
-    },
-}
-
-
 _DESCRIPTIONS: dict[str, str] = {
     "tiny": "128-d, 2 layers, 4 heads: CPU tests, the demo and CPU recipes (under a second a step)",
     "small": "384-d, 12 layers, 6 heads: a small model for a single GPU",
@@ -90,7 +67,6 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         ffn_dim=256,
         layer_scale_init=1.0,
         drop_path=0.0,
-        modalities=_TINY_MODALITIES,
     ),
     "small": _preset(
         "small", dim=384, depth=12, heads=6, ffn_dim=1536, layer_scale_init=0.1, drop_path=0.1

@@ -154,3 +154,21 @@ def test_presets_below_4b_train_from_scratch_and_4b_uses_the_official_init():
     scratch = create_model("tiny", modalities=["text"])
     assert official.projections["text"].weight.abs().max() <= 0.02
     assert scratch.projections["text"].weight.std() > 0.07  # 128 ** -0.5 = 0.088
+
+
+def test_presets_hold_encoder_sizes_and_plugins_size_their_modalities():
+    from peace_core.factory import resolve_config
+    from peace_core.presets import PRESETS
+
+    # Core names no option field of any modality.
+    for preset in PRESETS.values():
+        assert all(options == {} for options in preset["config"]["modalities"].values())
+    # Built by name, each plugin's options for the preset apply ...
+    tiny = resolve_config("tiny")
+    assert tiny.modalities["vision"]["image_size"] == 64
+    assert tiny.modalities["audio"]["sample_rate"] == 8000
+    assert tiny.modalities["text"]["tokenizer"] == {"kind": "bytes"}
+    # ... a preset a plugin does not size gets its defaults, and a config dict only its own.
+    assert resolve_config("small").modalities["vision"] == {}
+    raw = {**PRESETS["tiny"]["config"], "modalities": {"vision": {"image_size": 32}}}
+    assert resolve_config(raw).modalities["vision"] == {"image_size": 32}

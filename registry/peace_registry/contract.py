@@ -79,6 +79,10 @@ class ModalitySpec:
     fit_options: Callable[[BaseModel, Iterable[Mapping[str, Any]]], BaseModel] | None = field(
         default=None, hash=False
     )
+    #: Option values for named architecture presets (API 1.1), e.g. ``{"tiny": {"image_size":
+    #: 64}}``: a model built from the preset's name takes them for this modality, under any
+    #: options its config sets. Presets hold encoder sizes; each plugin sizes its own modality.
+    preset_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         check_modality_name(self.name)

@@ -25,7 +25,7 @@ def test_entry_module_imports_no_heavy_packages() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "1.0"
+    assert result.stdout.strip() == "1.1"
 
 
 def test_registers_every_component() -> None:

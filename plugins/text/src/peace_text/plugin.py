@@ -93,6 +93,16 @@ def peace_register_modalities(register: Register) -> None:
             # The official tokenizer needs ONE-PEACE's BPE files; self-checks use the byte one.
             check_options={"vocab_size": 260, "tokenizer": {"kind": "bytes"}},
             fit_options=fit_options,
+            # The tiny preset needs no files: byte tokens (its recipes fit a BPE to the data).
+            preset_options={
+                "tiny": {
+                    "vocab_size": 260,
+                    "tokenizer": {"kind": "bytes"},
+                    "max_positions": 130,
+                    "bucket_size": 32,
+                    "max_tokens": 96,
+                }
+            },
         )
     )
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from peace_vision.masking import VisionMasker
     from peace_vision.preprocess import VisionPreprocessor
 
-PEACE_PLUGIN_API = "1.0"
+PEACE_PLUGIN_API = "1.1"
 
 MODALITY = "vision"
 
@@ -64,6 +64,8 @@ MODALITY_SPEC = ModalitySpec(
     input_keys=("pixels",),
     file_extensions=("jpg", "jpeg", "png", "webp"),
     options=VisionOptions,
+    # The tiny preset (CPU tests, the demo, CPU recipes): 64-px images, 4x4 patches.
+    preset_options={"tiny": {"image_size": 64}},
 )
 ADAPTER_SPEC = AdapterSpec(MODALITY, build_adapter)
 FFN_SPEC = FFNSpec(MODALITY, build_ffn)
