@@ -53,8 +53,8 @@ class CollapseGuard:
                 warnings.append(self._message(step, since, modality, loss, chance, record))
         return warnings
 
-    @staticmethod
     def _message(
+        self,
         step: int,
         since: int,
         modality: str,
@@ -69,14 +69,14 @@ class CollapseGuard:
         )
         return (
             f"collapse warning at step {step}: the aligning loss {modality}-text is {loss:.4f}, "
-            f"within 1 % of its chance value ln(candidates) = {chance:.4f}, and has been for "
-            f"every logged step of the last {step - since} after warm-up. The model cannot "
-            "tell the pairs of a batch apart; its embeddings barely vary across a batch "
-            f"(spread, 1 = random, 0 = all the same: {spreads or 'not logged'}). Try: a lower "
-            "optim.lr (e.g. 3e-4 or 1e-4), "
-            "a longer warm-up (schedule.warmup_steps), model.overrides.init = 'scratch' if the "
-            "model uses the official init, smaller denoising weights (objective.weights) so "
-            "the contrast is not drowned, or a larger batch. See README, 'When the contrast "
+            f"within {100 * self.tolerance:g} % of its chance value ln(candidates) = "
+            f"{chance:.4f}, and has been for every logged step of the last {step - since} "
+            "after warm-up. The model cannot tell the pairs of a batch apart; its embeddings "
+            "barely vary across a batch (spread, 1 = random, 0 = all the same: "
+            f"{spreads or 'not logged'}). Try: a lower optim.lr (e.g. 3e-4 or 1e-4), a longer "
+            "warm-up (schedule.warmup_steps), model.overrides.init = 'scratch' if the model "
+            "uses the official init, smaller denoising weights (objective.weights) so the "
+            "contrast is not drowned, or a larger batch. See README, 'When the contrast "
             "collapses'."
         )
 
