@@ -1,4 +1,5 @@
-"""The core's own plugin: architecture presets and the official ONE-PEACE checkpoint converter.
+"""The core's own plugin: architecture presets and the official ONE-PEACE checkpoint converter
+(the fusion layers; each modality plugin maps its own adapter).
 
 Registered through the ``peace.plugins`` entry point like any third-party plugin.
 """
@@ -10,8 +11,9 @@ from typing import Any
 
 from peace_registry.contract import ArchitectureSpec, ConvertedCheckpoint, Register
 from peace_registry.hookspecs import hookimpl
+from peace_registry.registry import Registry
 
-PEACE_PLUGIN_API = "1.0"
+PEACE_PLUGIN_API = "1.2"
 
 
 @hookimpl
@@ -26,8 +28,8 @@ def peace_register_architectures(register: Register) -> None:
 
 @hookimpl
 def peace_convert_checkpoint(
-    checkpoint: Mapping[str, Any], source: str
+    checkpoint: Mapping[str, Any], source: str, registry: Registry
 ) -> ConvertedCheckpoint | None:
     from peace_core.official import convert_official
 
-    return convert_official(checkpoint, source)
+    return convert_official(checkpoint, source, registry)

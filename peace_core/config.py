@@ -7,8 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: The modality ONE-PEACE anchors the others to: each is aligned with it, it leads joint sequences,
+#: and captions and class prompts are written in it. The default of ``objective.anchor`` and the
+#: modality of captions in data shards and evaluation; the one modality name the core knows.
+ANCHOR_MODALITY = "text"
+
 AttentionBackendName = Literal["auto", "math", "sdpa", "xformers"]
 InitSchemeName = Literal["scratch", "official"]
+#: The per-modality components a config may pick a named variant of.
+VariantKind = Literal["adapter", "ffn", "masker", "preprocessor"]
 
 
 class StrictModel(BaseModel):
@@ -70,5 +77,23 @@ class ModelConfig(StrictModel):
     name: str = "custom"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     modalities: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    variants: dict[str, dict[VariantKind, str]] = Field(
+        default_factory=dict,
+        description=(
+            "named component variants per modality, e.g. {vision = {masker = 'block'}} builds the "
+            "masker registered as 'vision:block' (by any plugin); unlisted components use the "
+            "modality's default"
+        ),
+    )
     logit_scale_init: float = Field(math.log(1 / 0.07), description="log of the initial 1/τ")
     logit_scale_max: float = Field(math.log(100.0), description="log of the clamp on 1/τ")
+
+    @model_validator(mode="after")
+    def _variants_of_configured_modalities(self) -> ModelConfig:
+        stray = sorted(set(self.variants) - set(self.modalities))
+        if stray:
+            raise ValueError(
+                f"variants name modalities {stray} that the model does not have; it has "
+                f"{sorted(self.modalities)}"
+            )
+        return self

@@ -80,7 +80,7 @@ class DemoPlan(StrictModel):
 
 #: The shipped tiny recipes' settings (configs/stage1_tiny.toml, configs/stage2_tiny.toml; a test
 #: holds them equal): the aligning contrast alone, AdamW at 3e-4, batches of 64, 5 % warm-up.
-_ALIGN_ONLY = LossWeights(text=0.0, other=0.0, joint_text=0.0, joint_other=0.0)
+_ALIGN_ONLY = LossWeights(anchor=0.0, other=0.0, joint_anchor=0.0, joint_other=0.0)
 _LR = 3e-4
 #: The recipes' text options: a BPE fitted to the run's captions.
 RECIPE_TEXT = {"tokenizer": {"kind": "fit", "vocab_size": 1024}, "max_tokens": 48}
@@ -353,11 +353,11 @@ LAYOUT_TEST = ("image_text", "audio_text")
 
 
 def _describe_stage(config: Any) -> str:
-    weights = config.objective.weights
+    weights, anchor = config.objective.weights, config.objective.anchor
     terms = [f"align {weights.align:g}"] + [
-        f"dcl:{view} {weights.dcl(view):g}"
+        f"dcl:{view} {weights.dcl(view, anchor):g}"
         for view in ("text", "vision", "audio", "joint:text", "joint:vision", "joint:audio")
-        if weights.dcl(view) > 0 and view.split(":")[-1] in config.data.modalities
+        if weights.dcl(view, anchor) > 0 and view.split(":")[-1] in config.data.modalities
     ]
     frozen = config.freeze.train_only
     return (

@@ -32,13 +32,17 @@ def resolve_config(
     name_or_config: str | ModelConfig | Mapping[str, Any],
     modalities: Sequence[str] | None = None,
     registry: Registry | None = None,
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
     **overrides: Any,
 ) -> ModelConfig:
     """A validated :class:`ModelConfig` from a preset name, a config, or a dict.
 
-    ``modalities`` keeps a subset of the configured modalities, or adds ones the preset does not
-    mention (they get their plugin's default options). ``overrides`` set encoder fields
-    (``depth=4``) or top-level fields (``name="mine"``).
+    ``modalities`` keeps a subset of the configured modalities, or adds ones the config does not
+    mention (they get their plugin's default options). A preset that names no modalities gets
+    every installed one. ``options`` changes some fields of some modalities' option dicts
+    (``{"vision": {"image_size": 128}}``). ``overrides`` set encoder fields (``depth=4``) or
+    top-level fields (``name="mine"``). This is the one place a model config is resolved.
     """
     registry = registry or get_registry()
     if isinstance(name_or_config, str):
@@ -55,7 +59,12 @@ def resolve_config(
         )
     raw = {**raw, "encoder": dict(raw.get("encoder") or {})}
     for key, value in overrides.items():
-        if key in EncoderConfig.model_fields:
+        if key == "variants":  # per modality and kind, over the config's own choices
+            chosen = {name: dict(kinds) for name, kinds in (raw.get("variants") or {}).items()}
+            for name, kinds in dict(value).items():
+                chosen[name] = {**chosen.get(name, {}), **kinds}
+            raw["variants"] = chosen
+        elif key in EncoderConfig.model_fields:
             raw["encoder"][key] = value
         elif key in ModelConfig.model_fields:
             raw[key] = value
@@ -65,6 +74,8 @@ def resolve_config(
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ModelConfigError(f"unknown model option {key!r}{hint}; valid: {', '.join(valid)}")
     configured = dict(raw.get("modalities") or {})
+    if modalities is None and isinstance(name_or_config, str) and not configured:
+        modalities = registry.modalities()
     if modalities is not None:
         names = list(dict.fromkeys(modalities))
         for name in names:
@@ -83,6 +94,17 @@ def resolve_config(
                 **(options or {}),
             }
             for name, options in raw["modalities"].items()
+        }
+    if options:
+        unknown = sorted(set(options) - set(raw["modalities"]))
+        if unknown:
+            raise ModelConfigError(
+                f"options name modalities {unknown} that the model does not have; it has "
+                f"{sorted(raw['modalities'])}"
+            )
+        raw["modalities"] = {
+            name: {**current, **options.get(name, {})}
+            for name, current in raw["modalities"].items()
         }
     try:
         return ModelConfig.model_validate(raw)

@@ -1,15 +1,18 @@
 """The model users hold: adapters + shared fusion encoder + per-modality heads, and its branches.
 
-``PeaceModel`` owns every module. ``model.branch("vision")`` or ``model.branch("audio", "text")``
-returns a :class:`Branch`: a plain ``nn.Module`` that *shares* (never copies) the shared attention
-and only the named modalities' adapters, FFNs, final norms and projections, so a branch kept alone
-holds only the memory it needs.
+``PeaceModel`` owns every module and the build context of each modality: the rest of the library
+asks the model (``masker``, ``preprocessor``, ``spec``), never the registry. ``model.branch("a")``
+or ``model.branch("a", "b")`` returns a :class:`Branch`: a plain ``nn.Module`` that *shares* (never
+copies) the shared attention and only the named modalities' adapters, FFNs, final norms and
+projections, so a branch kept alone holds only the memory it needs. Branches are built once per
+set of modalities and cached; the model's own forward runs its modules directly.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +25,8 @@ from peace_core.config import ModelConfig
 from peace_core.encoder import FusionEncoder, Segment
 from peace_core.init import init_fusion_weights
 from peace_core.layers import GeGLUFFN
-from peace_registry import BuildContext, Registry, get_registry
+from peace_registry import BuildContext, Masker, ModalitySpec, Registry, get_registry
 from peace_registry.errors import PeaceError
-
-#: The official model puts text first in joint sequences; other modalities follow in branch order.
-JOINT_LEADER = "text"
 
 
 class ModelConfigError(PeaceError, ValueError):
@@ -50,18 +50,14 @@ def _validate_options(registry: Registry, modality: str, raw: Mapping[str, Any])
         raise ModelConfigError(f"invalid options for modality {modality!r}: {err}") from err
 
 
-def _order_for_joint(modalities: Iterable[str]) -> list[str]:
-    names = list(modalities)
-    return sorted(names, key=lambda name: name != JOINT_LEADER)
-
-
 class Branch(nn.Module):
     """A model restricted to some modalities; shares its parameters with the parent model.
 
     ``forward(batch)`` takes ``{modality: collated batch}`` and returns ``{modality:
     ModalityOutput}``. With several modalities present and ``joint=True`` (the default for a
-    multi-modality branch) they run as ONE fused sequence (text first); otherwise each runs alone.
-    ``keep`` optionally selects token positions per modality (the denoising student's view).
+    multi-modality branch) they run as ONE fused sequence, in the order ``batch`` lists them
+    (ONE-PEACE puts text first); otherwise each runs alone. ``keep`` optionally selects token
+    positions per modality (the denoising student's view).
     """
 
     def __init__(
@@ -81,19 +77,7 @@ class Branch(nn.Module):
 
     def embed(self, modality: str, hidden: torch.Tensor) -> torch.Tensor:
         """CLS (already through the final modality LN) -> projection -> L2 normalisation."""
-        return F.normalize(self.projections[modality](hidden[:, 0]), dim=-1)
-
-    def _segments(
-        self,
-        batch: Mapping[str, Mapping[str, torch.Tensor]],
-        names: Sequence[str],
-        keep: Mapping[str, torch.Tensor] | None,
-    ) -> list[Segment]:
-        segments = []
-        for name in names:
-            out = self.adapters[name](batch[name], keep=None if keep is None else keep.get(name))
-            segments.append(Segment(name, out.tokens, out.padding_mask, out.rel_pos))
-        return segments
+        return embed(self.projections, modality, hidden)
 
     def forward(
         self,
@@ -102,23 +86,47 @@ class Branch(nn.Module):
         joint: bool | None = None,
         keep: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, ModalityOutput]:
-        present = [name for name in self.modalities if name in batch]
-        unknown = sorted(set(batch) - set(self.modalities))
-        if unknown:
-            raise KeyError(
-                f"batch holds modalities {unknown} that this branch does not have; "
-                f"branch modalities: {list(self.modalities)}"
-            )
-        if not present:
-            raise ValueError(f"empty batch: expected some of {list(self.modalities)}")
-        joint = len(present) > 1 if joint is None else joint
-        groups = [_order_for_joint(present)] if joint else [[name] for name in present]
-        results: dict[str, ModalityOutput] = {}
-        for names in groups:
-            output = self.encoder(self._segments(batch, names, keep))
-            for name, hidden, mask in zip(names, output.hidden, output.padding_mask):
-                results[name] = ModalityOutput(hidden, mask, self.embed(name, hidden))
-        return results
+        return _run(self, batch, joint=joint, keep=keep)
+
+
+def embed(projections: nn.ModuleDict, modality: str, hidden: torch.Tensor) -> torch.Tensor:
+    """A modality's retrieval embedding: its CLS state, projected, L2-normalised."""
+    return F.normalize(projections[modality](hidden[:, 0]), dim=-1)
+
+
+def _run(
+    owner: Branch | PeaceModel,
+    batch: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    joint: bool | None,
+    keep: Mapping[str, torch.Tensor] | None,
+) -> dict[str, ModalityOutput]:
+    """The forward of a branch or a whole model: adapters -> fusion encoder -> embeddings.
+
+    The encoder routes each segment to its modality's FFN, so a whole model runs any subset of its
+    modalities without building a branch.
+    """
+    kind = "branch" if isinstance(owner, Branch) else "model"
+    unknown = sorted(set(batch) - set(owner.modalities))
+    if unknown:
+        raise KeyError(
+            f"batch holds modalities {unknown} that this {kind} does not have; "
+            f"{kind} modalities: {list(owner.modalities)}"
+        )
+    present = list(batch)
+    if not present:
+        raise ValueError(f"empty batch: expected some of {list(owner.modalities)}")
+    joint = len(present) > 1 if joint is None else joint
+    results: dict[str, ModalityOutput] = {}
+    for names in [present] if joint else [[name] for name in present]:
+        segments = []
+        for name in names:
+            out = owner.adapters[name](batch[name], keep=None if keep is None else keep.get(name))
+            segments.append(Segment(name, out.tokens, out.padding_mask, out.rel_pos))
+        output = owner.encoder(segments)
+        for name, hidden, mask in zip(names, output.hidden, output.padding_mask):
+            results[name] = ModalityOutput(hidden, mask, embed(owner.projections, name, hidden))
+    return results
 
 
 def _share_encoder_subset(encoder: FusionEncoder, modalities: Sequence[str]) -> FusionEncoder:
@@ -160,7 +168,7 @@ class PeaceModel(nn.Module):
         self.options: dict[str, BaseModel] = {
             name: _validate_options(registry, name, raw) for name, raw in config.modalities.items()
         }
-        contexts = {
+        self.contexts: dict[str, BuildContext] = {
             name: BuildContext(
                 modality=name,
                 dim=enc.dim,
@@ -175,8 +183,12 @@ class PeaceModel(nn.Module):
             )
             for name, options in self.options.items()
         }
+        contexts = self.contexts
+        for name, chosen in config.variants.items():
+            for kind, variant in chosen.items():  # unknown variants fail before anything is built
+                getattr(registry, kind)(name, variant)
         self.adapters = nn.ModuleDict(
-            {name: registry.adapter(name).build(ctx) for name, ctx in contexts.items()}
+            {name: self._spec("adapter", name).build(ctx) for name, ctx in contexts.items()}
         )
         self.encoder = FusionEncoder(
             enc,
@@ -192,9 +204,16 @@ class PeaceModel(nn.Module):
             torch.tensor(config.logit_scale_init, device=device, dtype=dtype or torch.float32)
         )
         self._preprocessors: dict[str, Any] = {}
+        self._maskers: dict[str, Masker] = {}
+        self._branches: dict[tuple[str, ...], tuple[tuple[int, ...], Branch]] = {}
+
+    def _spec(self, kind: str, modality: str) -> Any:
+        """The registered ``kind`` component of ``modality``, in the variant the config picks."""
+        variant = self.config.variants.get(modality, {}).get(kind)
+        return getattr(self._registry, kind)(modality, variant)
 
     def _ffn_factory(self, name: str, ctx: BuildContext):
-        spec = self._registry.ffn(name)
+        spec = self._spec("ffn", name)
         if spec is not None:
             return lambda: spec.build(ctx)
         return lambda: GeGLUFFN(
@@ -206,20 +225,27 @@ class PeaceModel(nn.Module):
         return tuple(self.adapters.keys())
 
     def branch(self, *modalities: str) -> Branch:
-        """A module over the shared layers and only ``modalities`` (all when none are named)."""
-        names = list(modalities) or list(self.modalities)
-        missing = [name for name in names if name not in self.adapters]
-        if missing:
-            raise KeyError(
-                f"model has no modality {missing[0]!r}; it was built with {list(self.modalities)}"
+        """A module over the shared layers and only ``modalities`` (all when none are named).
+
+        Built once per set of modalities and cached: it shares the model's modules, so it follows
+        the model through ``.to()``, training and loading; it is rebuilt when a submodule of the
+        model was replaced (e.g. wrapped for sharding).
+        """
+        names = tuple(modalities) or self.modalities
+        for name in names:
+            self._check_modality(name)
+        structure = tuple(map(id, self.modules()))
+        cached = self._branches.get(names)
+        if cached is None or cached[0] != structure:
+            branch = Branch(
+                names,
+                nn.ModuleDict({name: self.adapters[name] for name in names}),
+                _share_encoder_subset(self.encoder, names),
+                nn.ModuleDict({name: self.projections[name] for name in names}),
+                self.logit_scale,
             )
-        return Branch(
-            names,
-            nn.ModuleDict({name: self.adapters[name] for name in names}),
-            _share_encoder_subset(self.encoder, names),
-            nn.ModuleDict({name: self.projections[name] for name in names}),
-            self.logit_scale,
-        )
+            self._branches[names] = cached = (structure, branch)
+        return cached[1]
 
     def forward(
         self,
@@ -228,20 +254,39 @@ class PeaceModel(nn.Module):
         joint: bool | None = None,
         keep: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, ModalityOutput]:
-        return self.branch(*[m for m in self.modalities if m in batch]).forward(
-            batch, joint=joint, keep=keep
-        )
+        """Encode ``{modality: collated batch}``; several modalities run fused (``joint``, the
+        default for more than one) in the order ``batch`` lists them, or each alone."""
+        return _run(self, batch, joint=joint, keep=keep)
 
-    # ---------------------------------------------------------------- preprocessing & embedding
-
-    def preprocessor(self, modality: str):
-        """The modality's preprocessor, built once from this model's options."""
+    def _check_modality(self, modality: str) -> None:
         if modality not in self.options:
             raise KeyError(
                 f"model has no modality {modality!r}; it was built with {list(self.modalities)}"
             )
+
+    # ---------------------------------------------------------------- what the model was built of
+
+    def spec(self, modality: str) -> ModalitySpec:
+        """The plugin's description of ``modality``: input keys, file extensions, options."""
+        self._check_modality(modality)
+        return self._registry.modality(modality)
+
+    def masker(self, modality: str) -> Masker:
+        """The modality's denoising masker (the config's variant), built once."""
+        self._check_modality(modality)
+        if modality not in self._maskers:
+            # Masks are drawn on the host from a generator: never on the model's build device.
+            ctx = dataclasses.replace(self.contexts[modality], device=None, dtype=None)
+            self._maskers[modality] = self._spec("masker", modality).build(ctx)
+        return self._maskers[modality]
+
+    # ---------------------------------------------------------------- preprocessing & embedding
+
+    def preprocessor(self, modality: str):
+        """The modality's preprocessor (the config's variant), built once from its options."""
+        self._check_modality(modality)
         if modality not in self._preprocessors:
-            spec = self._registry.preprocessor(modality)
+            spec = self._spec("preprocessor", modality)
             self._preprocessors[modality] = spec.build(self.options[modality])
         return self._preprocessors[modality]
 

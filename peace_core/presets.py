@@ -1,10 +1,10 @@
 """Architecture presets as plain data.
 
 ``PRESETS[name]`` is ``{"description": str, "config": dict}``; ``config`` is valid for
-:class:`peace_core.config.ModelConfig` (name, encoder sizes, the first-party modality list with
-empty option dicts). Presets hold encoder sizes only: each plugin sizes its own modality for a
-preset (``ModalitySpec.preset_options``, e.g. the tiny preset's 64-px images), and a model built
-from the preset's name takes those options.
+:class:`peace_core.config.ModelConfig` and holds a name and encoder sizes only. A model built from
+a preset's name has every installed modality unless it names some (``create_model("tiny",
+["vision", "text"])``), and each plugin sizes its own modality for the preset
+(``ModalitySpec.preset_options``, e.g. the tiny preset's 64-px images).
 LayerScale follows CaiT's rule of thumb (0.1 up to ~18 layers, smaller for deeper stacks), so the
 small presets learn quickly from scratch; ``one-peace-4b`` uses the official 1e-6. ``tiny`` has two
 layers and needs none (1.0): with 0.1 its CLS embeddings start nearly identical, which slows the
@@ -29,7 +29,6 @@ def _preset(
     layer_scale_init: float,
     drop_path: float,
     init: str = "scratch",
-    modalities: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -43,7 +42,6 @@ def _preset(
             "rel_pos_tables": "shared",
             "init": init,
         },
-        "modalities": copy.deepcopy(modalities or {"vision": {}, "audio": {}, "text": {}}),
     }
 
 
@@ -54,7 +52,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "large": "1024-d, 24 layers, 16 heads: ViT-L-sized fusion encoder",
     "one-peace-4b": (
         "the official ONE-PEACE: 1536-d, 40 layers, 24 heads, FFN 6144 (≈3.9 B parameters with "
-        "vision, audio and text)"
+        "its three modalities)"
     ),
 }
 

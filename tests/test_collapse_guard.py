@@ -16,8 +16,8 @@ CHANCE = math.log(32)
 
 def _record(loss: float, spread: float = 0.01) -> dict[str, float]:
     return {
-        "align:vision": loss,
-        "align_chance:vision": CHANCE,
+        "align:text-vision": loss,
+        "align_chance:text-vision": CHANCE,
         "spread:vision": spread,
         "spread:text": spread,
         "loss": 18.0,
@@ -43,7 +43,7 @@ def test_guard_warns_once_when_the_loss_stays_at_chance_after_warmup() -> None:
         assert guard.check(step, stuck) == [], step
     (warning,) = guard.check(70, stuck)  # 30 steps at chance past warm-up
     assert "collapse warning at step 70" in warning and "the last 30" in warning
-    assert "vision-text" in warning and f"{CHANCE:.4f}" in warning
+    assert "text-vision" in warning and f"{CHANCE:.4f}" in warning
     assert "vision 0.010" in warning and "optim.lr" in warning
     assert guard.check(80, stuck) == []  # said once per pair
 

@@ -321,19 +321,20 @@ def test_loss_is_finite_and_reaches_every_trained_part(pair):
     loss, metrics = objective(pair, torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and math.isfinite(loss.item())
     expected = {
-        "loss", "logit_scale", "align:vision", "align_acc:vision->text", "align_acc:text->vision",
+        "loss", "logit_scale", "align:text-vision",
+        "align_acc:vision->text", "align_acc:text->vision",
         "dcl:text", "dcl:vision", "dcl:joint:text", "dcl:joint:vision",
         "dcl_acc:text", "dcl_acc:vision", "dcl_acc:joint:text", "dcl_acc:joint:vision",
-        "align_chance:vision", "spread:vision", "spread:text",
+        "align_chance:text-vision", "spread:vision", "spread:text",
     }  # fmt: skip
     assert set(metrics) == expected
     assert all(isinstance(value, float) for value in metrics.values())
     # Chance is ln(candidates per row): the batch, on one process.
     batch = pair["vision"]["pixels"].shape[0]
-    assert metrics["align_chance:vision"] == pytest.approx(math.log(batch))
+    assert metrics["align_chance:text-vision"] == pytest.approx(math.log(batch))
     assert 0.0 < metrics["spread:vision"] < 1.5 and 0.0 < metrics["spread:text"] < 1.5
     weighted = (
-        metrics["align:vision"]
+        metrics["align:text-vision"]
         + 0.5 * metrics["dcl:text"]
         + 1.0 * metrics["dcl:vision"]
         + 0.5 * metrics["dcl:joint:text"]
@@ -399,11 +400,11 @@ def _count_adapter_calls(model):
         # unmasked x2, joint pass, single students x2, joint student
         ({}, 4, 4, {"text", "vision", "joint:text", "joint:vision"}),
         # stage 2 shape: no text-only view -> no text-only student
-        ({"text": 0.0}, 3, 4, {"vision", "joint:text", "joint:vision"}),
+        ({"anchor": 0.0}, 3, 4, {"vision", "joint:text", "joint:vision"}),
         # no joint views -> neither joint pass nor joint student
-        ({"joint_text": 0.0, "joint_other": 0.0}, 2, 2, {"text", "vision"}),
+        ({"joint_anchor": 0.0, "joint_other": 0.0}, 2, 2, {"text", "vision"}),
         # only the image view: text is never encoded
-        ({"align": 0.0, "text": 0.0, "joint_text": 0.0, "joint_other": 0.0}, 0, 2, {"vision"}),
+        ({"align": 0.0, "anchor": 0.0, "joint_anchor": 0.0, "joint_other": 0.0}, 0, 2, {"vision"}),
         # one joint view still needs the joint student (both modalities masked)
         ({"dcl_weights": {"joint:vision": 0.0}}, 4, 4, {"text", "vision", "joint:text"}),
     ],
@@ -419,7 +420,7 @@ def test_zero_weight_views_are_skipped(pair, weights, text_calls, vision_calls, 
             handle.remove()
     assert calls == {"text": text_calls, "vision": vision_calls}
     assert {key[4:] for key in metrics if key.startswith("dcl:")} == views
-    assert ("align:vision" in metrics) == (weights.get("align", 1.0) > 0)
+    assert ("align:text-vision" in metrics) == (weights.get("align", 1.0) > 0)
 
 
 class RecordingDenoising(DenoisingContrast):
@@ -476,7 +477,13 @@ def test_tiny_model_learns_with_the_full_objective():
 
     start, end = history[:5], history[-5:]
     assert mean("loss", end) < 0.8 * mean("loss", start), [step["loss"] for step in history]
-    for key in ("align:vision", "dcl:text", "dcl:vision", "dcl:joint:text", "dcl:joint:vision"):
+    for key in (
+        "align:text-vision",
+        "dcl:text",
+        "dcl:vision",
+        "dcl:joint:text",
+        "dcl:joint:vision",
+    ):
         assert mean(key, end) < mean(key, start), key
 
 
@@ -492,9 +499,13 @@ def test_bad_batches_and_settings_are_named(objective, pair):
     with pytest.raises(ObjectiveInputError, match=r"torch\.Generator"):
         objective(pair, 0)
     three = PretrainObjective(tiny_model("text", "vision", "audio"))
-    with pytest.raises(ObjectiveInputError, match="text plus one other"):
+    with pytest.raises(ObjectiveInputError, match="no aligned pair connects"):
         three({"vision": pair["vision"], "audio": audio_batch()}, gen)
-    idle = PretrainObjective(objective.model, ObjectiveConfig(weights=LossWeights(text=0.0)))
+    with pytest.raises(ObjectiveInputError, match=r"objective\.pairs .* \['imu'\]"):
+        PretrainObjective(three.model, ObjectiveConfig(pairs=[("vision", "imu")]))
+    with pytest.raises(ValueError, match="with itself"):
+        ObjectiveConfig(pairs=[("vision", "vision")])
+    idle = PretrainObjective(objective.model, ObjectiveConfig(weights=LossWeights(anchor=0.0)))
     with pytest.raises(ObjectiveInputError, match="weighted 0"):
         idle({"text": pair["text"]}, gen)
     with pytest.raises(ObjectiveInputError, match="single_targets_from_joint"):
@@ -526,10 +537,39 @@ def test_masker_breaking_the_contract_is_reported(pair):
 
 def test_loss_weight_resolution():
     weights = LossWeights()
-    assert [weights.dcl(v) for v in ("text", "vision", "joint:text", "joint:audio")] == [
+    assert [weights.dcl(v, "text") for v in ("text", "vision", "joint:text", "joint:audio")] == [
         0.5, 1.0, 0.5, 0.5,
     ]  # fmt: skip
     stage2 = LossWeights.stage2(dcl_weights={"joint:audio": 0.25})
-    assert [stage2.dcl(v) for v in ("text", "audio", "joint:text", "joint:audio")] == [
+    assert [stage2.dcl(v, "text") for v in ("text", "audio", "joint:text", "joint:audio")] == [
         0.0, 1.0, 0.5, 0.25,
     ]  # fmt: skip
+
+
+def test_configured_pairs_pretrain_audio_with_vision_without_text():
+    """Any pair of modalities can be contrasted: no text, the pair's first modality leads."""
+    model = tiny_model("vision", "audio")
+    config = ObjectiveConfig(anchor=None, pairs=[("vision", "audio")])
+    objective = PretrainObjective(model, config)
+    batch = {"audio": audio_batch(size=3), "vision": vision_batch(size=3)}
+    plan = objective.plan(batch)
+    assert plan.names == ["vision", "audio"] and plan.pairs == [("vision", "audio")]
+    loss, metrics = objective(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert metrics["align_chance:vision-audio"] == pytest.approx(math.log(3))
+    assert {"align:vision-audio", "dcl:joint:vision", "dcl:joint:audio"} <= set(metrics)
+    for name in ("adapters.vision.", "adapters.audio.", "encoder.blocks.0.attn."):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(name)]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), name
+    # Without an anchor every view takes the non-anchor weights.
+    assert config.weights.dcl("vision", config.anchor) == config.weights.other
+
+
+def test_anchored_batch_of_three_aligns_each_with_the_anchor_and_fuses_all():
+    objective = PretrainObjective(tiny_model("text", "vision", "audio"))
+    batch = {"vision": vision_batch(size=3), "audio": audio_batch(size=3), "text": text_batch(3)}
+    plan = objective.plan(batch)
+    assert plan.names[0] == "text" and set(plan.names) == {"text", "vision", "audio"}
+    assert plan.pairs == [("text", "vision"), ("text", "audio")]
+    _, metrics = objective(batch, torch.Generator().manual_seed(0))
+    assert {"align:text-vision", "align:text-audio", "dcl:joint:audio"} <= set(metrics)

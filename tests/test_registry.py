@@ -13,6 +13,7 @@ import pytest
 
 import peace_registry
 from peace_registry import (
+    PLUGIN_API_VERSION,
     AdapterSpec,
     CheckpointFormatError,
     ComponentConflictError,
@@ -333,7 +334,9 @@ def test_major_api_mismatch_skips_the_plugin_saying_which_side_to_upgrade(
 def test_newer_minor_api_loads_with_a_warning() -> None:
     plugin = ToyPlugin()
     plugin.PEACE_PLUGIN_API = "1.7"
-    with pytest.warns(PluginApiWarning, match="targets plugin API 1.7, newer than the 1.1"):
+    with pytest.warns(
+        PluginApiWarning, match=rf"targets plugin API 1.7, newer than {PLUGIN_API_VERSION} "
+    ):
         registry = Registry.from_plugins({"toy": plugin})
     assert registry.plugin("toy").status == "ok"
     assert registry.plugin("toy").warnings

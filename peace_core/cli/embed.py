@@ -52,16 +52,15 @@ def _write(out: Path, modality: str, rows: list[Any], sources: list[str]) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from peace_core.config import ANCHOR_MODALITY
     from peace_core.factory import from_pretrained
-    from peace_registry import get_registry
 
     if not (args.inputs or args.text or args.shards):
         raise ValueError("nothing to embed: give files, --text strings or --shards")
     if args.shards and not args.modality:
         raise ValueError("--shards needs --modality (e.g. --modality vision text)")
     model = from_pretrained(args.checkpoint, device=args.device)
-    registry = get_registry()
-    extensions = {m: tuple(registry.modality(m).file_extensions) for m in model.modalities}
+    extensions = {m: tuple(model.spec(m).file_extensions) for m in model.modalities}
     args.out.mkdir(parents=True, exist_ok=True)
 
     groups: dict[str, list[Any]] = defaultdict(list)
@@ -71,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{path}: no such file")
         modality = _modality_of(path, extensions)
         # A text file is one text; other files are decoded by their modality's preprocessor.
-        groups[modality].append(path.read_text() if modality == "text" else path)
+        groups[modality].append(path.read_text() if modality == ANCHOR_MODALITY else path)
         sources[modality].append(str(path))
     for text in args.text:
-        groups["text"].append(text)
-        sources["text"].append(text)
+        groups[ANCHOR_MODALITY].append(text)
+        sources[ANCHOR_MODALITY].append(text)
     embeddings: dict[str, list[Any]] = defaultdict(list)
     for modality, items in groups.items():
         result = model.encode(batch_size=args.batch_size, **{modality: items})

@@ -11,7 +11,7 @@ import json
 import warnings
 from typing import Any
 
-from peace_registry.contract import PLUGIN_API_VERSION
+from peace_registry.contract import PLUGIN_API_VERSION, component_modality
 from peace_registry.discovery import PluginRecord, core_version
 from peace_registry.errors import PeaceWarning
 from peace_registry.registry import Registry
@@ -127,16 +127,28 @@ def check_plugin(registry: Registry, record: PluginRecord) -> bool:
         print(f"  FAIL {problem}")
     for warning in record.warnings:
         print(f"  WARN {warning}")
-    modalities = sorted({name for kind, name in record.components if kind != "architecture"})
-    for modality in modalities:
-        results = run_checks(registry, modality)
+    # The modalities a plugin registers are checked whole; a variant it adds to any modality is
+    # checked in place of that modality's default.
+    subjects: dict[str, dict[str, str]] = {}
+    for kind, name in record.components:
+        if kind == "architecture":
+            continue
+        modality = component_modality(name)
+        if name == modality:
+            subjects.setdefault(modality, {})
+        else:
+            subjects.setdefault(name, {})[kind] = name[len(modality) + 1 :]
+    for subject, variants in sorted(subjects.items()):
+        modality = component_modality(subject)
+        results = run_checks(registry, modality, variants)
         failures = [r for r in results if r.status == "failed"]
         skipped = [r.name for r in results if r.status == "skipped"]
         ran = len(results) - len(skipped)
         summary = f"{ran - len(failures)}/{ran} checks passed"
         if skipped:
             summary += f", skipped: {', '.join(skipped)} (nothing registered)"
-        print(f"  {'FAIL' if failures else 'OK  '} modality {modality}: {summary}")
+        what = f"modality {modality}" if subject == modality else f"variant {subject}"
+        print(f"  {'FAIL' if failures else 'OK  '} {what}: {summary}")
         by_message: dict[str, list[str]] = {}  # one root cause often fails many checks
         for failure in failures:
             by_message.setdefault(failure.message, []).append(failure.name)

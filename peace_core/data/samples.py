@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from peace_core.config import ANCHOR_MODALITY
 from peace_registry.contract import Preprocessor
 
-#: The modality that captions belong to, and where captions are found.
-TEXT_MODALITY = "text"
+#: Where captions (of the anchor modality, ``peace_core.config.ANCHOR_MODALITY``) are found.
 CAPTION_EXTENSION = "txt"
 CAPTION_JSON_FIELDS = ("caption", "text")
 METADATA_EXTENSION = "json"
@@ -57,7 +57,7 @@ def modality_extensions(
     result: dict[str, tuple[str, ...]] = {}
     for modality in preprocessors:
         extensions = [ext.lower().lstrip(".") for ext in file_extensions[modality]]
-        if modality == TEXT_MODALITY and CAPTION_EXTENSION not in extensions:
+        if modality == ANCHOR_MODALITY and CAPTION_EXTENSION not in extensions:
             extensions.append(CAPTION_EXTENSION)
         result[modality] = tuple(extensions)
     return result
@@ -115,7 +115,7 @@ class SampleDecoder:
                     raise
                 # The json is metadata first: no usable field in it means the input is missing.
                 raise BadSampleError(f"missing {modality}", bad.detail) from bad
-        if modality == TEXT_MODALITY:
+        if modality == ANCHOR_MODALITY:
             for name in CAPTION_JSON_FIELDS:
                 if isinstance(metadata.get(name), str):
                     return metadata[name]

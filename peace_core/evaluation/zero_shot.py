@@ -28,10 +28,10 @@ import torch
 from tqdm.auto import tqdm
 from webdataset.tariterators import tarfile_samples
 
+from peace_core.config import ANCHOR_MODALITY
 from peace_core.data.config import expand_shards
 from peace_core.data.samples import (
     CAPTION_EXTENSION,
-    TEXT_MODALITY,
     BadSampleError,
     SampleDecoder,
 )
@@ -43,7 +43,6 @@ from peace_core.evaluation.classification import (
 )
 from peace_core.evaluation.retrieval import DEFAULT_KS, RetrievalResult, retrieval_metrics
 from peace_core.model import PeaceModel
-from peace_registry import Registry, get_registry
 from peace_registry.errors import PeaceError
 
 #: json fields that may hold captions (a string or a list of strings), after the ``txt`` file.
@@ -167,13 +166,13 @@ class _Batcher:
         return torch.cat(self.chunks) if self.chunks else torch.empty(0, width)
 
 
-def _modality_files(model: PeaceModel, registry: Registry) -> dict[str, tuple[str, ...]]:
+def _modality_files(model: PeaceModel) -> dict[str, tuple[str, ...]]:
     """The non-text modalities of the model and the file extensions each reads."""
     files = {}
     for modality in model.modalities:
-        if modality == TEXT_MODALITY:
+        if modality == ANCHOR_MODALITY:
             continue
-        extensions = registry.modality(modality).file_extensions
+        extensions = model.spec(modality).file_extensions
         files[modality] = tuple(ext.lower().lstrip(".") for ext in extensions)
     return files
 
@@ -192,26 +191,24 @@ def embed_shards(
     *,
     batch_size: int = 32,
     progress: bool = False,
-    registry: Registry | None = None,
 ) -> tuple[dict[str, ModalityEmbeddings], SkipCounts]:
     """Read every sample of ``urls`` once and embed its items; captions are collected, not
     embedded (see :func:`embed_captions`). Returns per-modality data and the skip counts."""
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
-    if TEXT_MODALITY not in model.modalities:
+    if ANCHOR_MODALITY not in model.modalities:
         raise EvaluationError(
             "zero-shot evaluation compares items with text, but the model has no "
-            f"{TEXT_MODALITY!r} modality (it has {list(model.modalities)})"
+            f"{ANCHOR_MODALITY!r} modality (it has {list(model.modalities)})"
         )
-    registry = registry or get_registry()
-    files = _modality_files(model, registry)
+    files = _modality_files(model)
     if not files:
         raise EvaluationError("the model has only the text modality: nothing to evaluate against")
     shards = expand_shards(list(urls) if not isinstance(urls, str) else urls, dataset="eval")
     decoder = SampleDecoder(
         {m: model.preprocessor(m) for m in files}, {m: files[m] for m in files}, train=False
     )
-    decode_txt = model.preprocessor(TEXT_MODALITY).decoders.get(CAPTION_EXTENSION)
+    decode_txt = model.preprocessor(ANCHOR_MODALITY).decoders.get(CAPTION_EXTENSION)
     batchers = {m: _Batcher(model, m, batch_size) for m in files}
     collected: dict[str, dict[str, list[Any]]] = {
         m: {"keys": [], "metadata": [], "captions": [], "owner": []} for m in files
@@ -291,7 +288,8 @@ def embed_captions(
     everything = [caption for item in data.values() for caption in item.captions]
     if not everything:
         return
-    embedded = model.encode(text=everything, batch_size=batch_size, progress=False)["text"]
+    inputs = {ANCHOR_MODALITY: everything}
+    embedded = model.encode(batch_size=batch_size, progress=False, **inputs)[ANCHOR_MODALITY]
     start = 0
     for item in data.values():
         item.caption_embeddings = embedded[start : start + len(item.captions)]
@@ -299,7 +297,9 @@ def embed_captions(
 
 
 def _encode_texts(model: PeaceModel, batch_size: int) -> Callable[[list[str]], torch.Tensor]:
-    return lambda texts: model.encode(text=texts, batch_size=batch_size, progress=False)["text"]
+    return lambda texts: model.encode(
+        batch_size=batch_size, progress=False, **{ANCHOR_MODALITY: texts}
+    )[ANCHOR_MODALITY]
 
 
 def _retrieval(item: ModalityEmbeddings, ks: Sequence[int]) -> RetrievalResult | None:
@@ -359,7 +359,6 @@ def evaluate(
     batch_size: int = 32,
     ks: Sequence[int] = DEFAULT_KS,
     progress: bool = False,
-    registry: Registry | None = None,
 ) -> EvaluationResult:
     """Zero-shot retrieval (every modality-text pair present) and zero-shot classification of
     the labelled samples for every prompt list given (a :class:`PromptSet` or a JSON file).
@@ -378,11 +377,9 @@ def evaluate(
             f"prompts given for {unknown}, which the model does not have; it has "
             f"{list(model.modalities)}"
         )
-    if TEXT_MODALITY in modality_of.values():
+    if ANCHOR_MODALITY in modality_of.values():
         raise EvaluationError("prompt lists classify non-text items; none is needed for 'text'")
-    data, skipped = embed_shards(
-        model, urls, batch_size=batch_size, progress=progress, registry=registry
-    )
+    data, skipped = embed_shards(model, urls, batch_size=batch_size, progress=progress)
     missing = sorted({m for m in modality_of.values() if m not in data})
     if missing:
         raise EvaluationError(

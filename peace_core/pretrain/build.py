@@ -53,21 +53,31 @@ def build_model(
     overrides = dict(section.overrides)
     if grad_checkpointing:
         overrides["grad_checkpointing"] = True
+    if section.variants:
+        overrides["variants"] = section.variants
     if section.init_from is None:
-        config = resolve_config(section.architecture(), section.modalities, registry, **overrides)
-        config = _with_options(config, section, registry)
-        config = fit_options(config, config.modalities, registry, samples)
+        config = resolve_config(
+            section.architecture(),
+            section.modalities,
+            registry,
+            options=section.options,
+            **overrides,
+        )
+        config = fit_options(config, set(), registry, samples, section)
         return create_model(config, registry=registry).train()
     source = find_checkpoint(section.init_from)
     converted = convert_checkpoint(source, registry)
-    base = _merge_init_config(section, converted.config, registry)
-    config = resolve_config(base, section.modalities, registry, **overrides)
-    config = _with_options(config, section, registry)
+    config = resolve_config(
+        _merge_init_config(section, converted.config, registry),
+        section.modalities,
+        registry,
+        options=section.options,
+        **overrides,
+    )
     # Modalities the checkpoint holds keep the options their weights were trained with.
-    saved = set(converted.config.get("modalities") or {})
-    _refuse_refit(config, saved, registry, section)
-    fresh = [name for name in config.modalities if name not in saved]
-    config = fit_options(config, fresh, registry, samples)
+    config = fit_options(
+        config, set(converted.config.get("modalities") or {}), registry, samples, section
+    )
     merged = ConvertedCheckpoint(
         config=config.model_dump(mode="json"),
         state_dict=converted.state_dict,
@@ -91,26 +101,38 @@ def build_model(
 
 def fit_options(
     config: ModelConfig,
-    modalities: Iterable[str],
+    trained: set[str],
     registry: Registry,
     samples: TrainingSamples | None,
+    section: ModelSection,
 ) -> ModelConfig:
-    """``config`` with the options of ``modalities`` fitted to their training samples by their
-    plugins (those that fit nothing return their options unchanged)."""
-    if samples is None:
-        return config
-    raw = config.model_dump(mode="json")
-    changed = False
-    for name in modalities:
+    """``config`` with each fresh modality's options fitted to its training samples by its
+    plugin (one that fits nothing returns its options unchanged).
+
+    A modality in ``trained`` comes with weights from ``model.init_from``: its options cannot be
+    fitted anew (a new tokenizer would not match the trained embeddings), so asking for that is
+    an error instead of training on.
+    """
+    fitted_options = dict(config.modalities)
+    for name, raw in config.modalities.items():
         spec = registry.modality(name)
-        if spec.fit_options is None:
+        if spec.fit_options is None or (samples is None and name not in trained):
             continue
-        options = spec.options.model_validate(raw["modalities"][name])
+        options = spec.options.model_validate(raw)
+        if name in trained:
+            try:
+                spec.fit_options(options, _NoSamples())
+            except _DataNeededError:
+                raise ValueError(
+                    f"model.options.{name} asks for options fitted to the data, but {name!r} "
+                    f"comes trained from model.init_from {section.init_from!r} with its own; "
+                    f"drop that setting from model.options.{name}"
+                ) from None
+            continue
         fitted = spec.fit_options(options, samples(name))
         if fitted is not options:
-            raw["modalities"][name] = fitted.model_dump(mode="json")
-            changed = True
-    return resolve_config(raw, registry=registry) if changed else config
+            fitted_options[name] = fitted.model_dump(mode="json")
+    return config.model_copy(update={"modalities": fitted_options})
 
 
 class _DataNeededError(Exception):
@@ -120,41 +142,6 @@ class _DataNeededError(Exception):
 class _NoSamples:
     def __iter__(self) -> Iterator[Mapping[str, Any]]:
         raise _DataNeededError
-
-
-def _refuse_refit(
-    config: ModelConfig, saved: set[str], registry: Registry, section: ModelSection
-) -> None:
-    """Options of a modality whose weights come from the checkpoint cannot be fitted anew (a
-    new tokenizer would not match the trained embeddings): say so instead of training on."""
-    for name in sorted(saved & set(config.modalities)):
-        spec = registry.modality(name)
-        if spec.fit_options is None:
-            continue
-        try:
-            spec.fit_options(spec.options.model_validate(config.modalities[name]), _NoSamples())
-        except _DataNeededError:
-            raise ValueError(
-                f"model.options.{name} asks for options fitted to the data, but {name!r} comes "
-                f"trained from model.init_from {section.init_from!r} with its own; drop that "
-                f"setting from model.options.{name}"
-            ) from None
-
-
-def _with_options(config: ModelConfig, section: ModelSection, registry: Registry) -> ModelConfig:
-    """``config`` with ``section.options`` merged into its modalities' option dicts."""
-    if not section.options:
-        return config
-    unknown = sorted(set(section.options) - set(config.modalities))
-    if unknown:
-        raise ValueError(
-            f"model.options names modalities {unknown} that the model does not have; it has "
-            f"{sorted(config.modalities)}"
-        )
-    raw = config.model_dump(mode="json")
-    for name, changes in section.options.items():
-        raw["modalities"][name] = {**raw["modalities"][name], **changes}
-    return resolve_config(raw, registry=registry)
 
 
 def _merge_init_config(

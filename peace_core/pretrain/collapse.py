@@ -3,7 +3,7 @@
 A collapsed contrast makes every embedding of a modality (nearly) the same; each row's
 candidates then look alike, and the aligning loss sits at ln(candidates), its value for a model
 that knows nothing. The denoising losses may still fall, so the total loss hides it. The guard
-reads the logged metrics (``align:<X>``, ``align_chance:<X>``, ``spread:<X>``) and warns when a
+reads the logged metrics (``align:A-B``, ``align_chance:A-B``, ``spread:A``) and warns when a
 pair's aligning loss has stayed within ``tolerance`` of chance in every logged record after
 warm-up for ``patience_steps`` steps with the embeddings collapsed (a spread below
 ``collapsed_spread``), or for three times as long whatever the spread. A plateau at chance is
@@ -36,28 +36,29 @@ class CollapseGuard:
         for key, loss in record.items():
             if not key.startswith(ALIGN_PREFIX):
                 continue
-            modality = key[len(ALIGN_PREFIX) :]
-            chance = record.get(f"align_chance:{modality}")
+            pair = key[len(ALIGN_PREFIX) :]
+            chance = record.get(f"align_chance:{pair}")
             if chance is None or chance <= 0:
                 continue
             at_chance = abs(loss - chance) <= self.tolerance * chance
             if not at_chance or step <= self.warmup_steps:
-                self._stuck_since.pop(modality, None)
+                self._stuck_since.pop(pair, None)
                 continue
-            since = self._stuck_since.setdefault(modality, step)
-            spreads = [record.get(f"spread:{name}") for name in (modality, "text")]
+            since = self._stuck_since.setdefault(pair, step)
+            # Modality names never hold "-", so the pair label splits into its two sides.
+            spreads = [record.get(f"spread:{name}") for name in pair.split("-")]
             collapsed = any(s is not None and s < self.collapsed_spread for s in spreads)
             patience = self.patience_steps * (1 if collapsed else 3)
-            if step - since >= patience and modality not in self._warned:
-                self._warned.add(modality)
-                warnings.append(self._message(step, since, modality, loss, chance, record))
+            if step - since >= patience and pair not in self._warned:
+                self._warned.add(pair)
+                warnings.append(self._message(step, since, pair, loss, chance, record))
         return warnings
 
     def _message(
         self,
         step: int,
         since: int,
-        modality: str,
+        pair: str,
         loss: float,
         chance: float,
         record: Mapping[str, float],
@@ -68,7 +69,7 @@ class CollapseGuard:
             if name.startswith("spread:")
         )
         return (
-            f"collapse warning at step {step}: the aligning loss {modality}-text is {loss:.4f}, "
+            f"collapse warning at step {step}: the aligning loss {pair} is {loss:.4f}, "
             f"within {100 * self.tolerance:g} % of its chance value ln(candidates) = "
             f"{chance:.4f}, and has been for every logged step of the last {step - since} "
             "after warm-up. The model cannot tell the pairs of a batch apart; its embeddings "

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from peace_core.config import ModelConfig, StrictModel
+from peace_core.config import ModelConfig, StrictModel, VariantKind
 from peace_core.data.config import DataConfig
 from peace_core.pretrain.freeze import FreezeConfig
 from peace_core.pretrain.objective import ObjectiveConfig
@@ -41,6 +41,8 @@ class ModelSection(StrictModel):
     with the checkpoint's encoder sizes.
 
     ``options`` changes single modality options last (``{audio = {max_duration = 5.0}}``).
+    ``variants`` picks named component variants (``{vision = {masker = "block"}}``), over those
+    of the preset, config or checkpoint.
     """
 
     preset: str | None = Field(None, description="architecture preset name (peace models)")
@@ -55,6 +57,10 @@ class ModelSection(StrictModel):
         default_factory=dict,
         description="per-modality option changes merged into the preset's/checkpoint's, e.g. "
         "{text = {max_tokens = 64}}",
+    )
+    variants: dict[str, dict[VariantKind, str]] = Field(
+        default_factory=dict,
+        description="named component variants per modality, e.g. {vision = {masker = 'block'}}",
     )
     init_from: str | None = Field(
         None, description="checkpoint whose weights start the run (e.g. the stage-1 model)"

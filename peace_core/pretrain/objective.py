@@ -1,36 +1,41 @@
 """The ONE-PEACE pretraining objective: aligning contrast + denoising contrast (spec §3).
 
-For a batch holding text and one other modality X (any plugin's), one step does:
+Which modalities are contrasted is configuration: by default every modality is aligned with the
+*anchor*, text (ONE-PEACE); ``pairs`` lists any other pairs (audio with vision, IMU with video).
+For a batch holding the two sides A and B of a pair (any plugins'), one step does:
 
-1. unmasked forwards of text and of X, each alone: retrieval embeddings for the aligning
-   contrast, and (detached) hidden states that are the targets of the single views;
-2. a ``no_grad`` joint forward of ``[text; X]``: the targets of the joint views;
-3. masks from the plugins' maskers (single view per modality; joint view with ``joint=True`` and
+1. unmasked forwards of A and of B, each alone: retrieval embeddings for the aligning contrast,
+   and (detached) hidden states that are the targets of the single views;
+2. a ``no_grad`` joint forward of ``[A; B]`` (the anchor, or a pair's first modality, leads):
+   the targets of the joint views;
+3. masks from the model's maskers (single view per modality; joint view with ``joint=True`` and
    the single view's mask), all drawn from the caller's ``torch.Generator``;
 4. students: the model encodes only the kept positions (MAE-style), each single view alone and
    the joint view as one fused sequence; the light decoder fills the masked positions;
-5. the denoising contrast per view, the aligning contrast between X and text, weighted and summed.
+5. the denoising contrast per view, the aligning contrast of every pair, weighted and summed.
 
-A batch with one modality gets only that modality's single view. Views are named ``"<modality>"``
-and ``"joint:<modality>"``; a view whose weight is 0 is skipped entirely (no forward runs for it).
+A batch may hold more than two modalities when pairs connect them (text with vision and with
+audio): each pair is aligned and the joint view fuses them all. A batch with one modality gets
+only that modality's single view. Views are named ``"<modality>"`` and ``"joint:<modality>"``; a
+view whose weight is 0 is skipped entirely (no forward runs for it).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from peace_core.config import StrictModel
+from peace_core.config import ANCHOR_MODALITY, StrictModel
 from peace_core.losses import AligningContrast, DenoisingContrast, embedding_spread
-from peace_core.model import JOINT_LEADER, ModalityOutput, PeaceModel
+from peace_core.model import ModalityOutput, PeaceModel
 from peace_core.pretrain.decoder import DecoderConfig, DecoderView, PretrainDecoder
-from peace_registry import BuildContext, Masker, Registry, get_registry
+from peace_registry import Masker, check_modality_name
 
 #: ``"<modality>"`` or ``"joint:<modality>"``.
 VIEW_NAME_PATTERN = re.compile(r"^(joint:)?[a-z][a-z0-9_]*$")
@@ -46,16 +51,17 @@ class ObjectiveInputError(ValueError):
 class LossWeights(StrictModel):
     """Weights of the loss terms; the defaults are ONE-PEACE's stage 1 (spec §3.5).
 
-    ``text``/``other`` weigh the single views of text and of any other modality; ``joint_text``/
-    ``joint_other`` the joint views. ``dcl_weights`` overrides any view by name (``"audio"``,
-    ``"joint:text"``...). A weight of 0 skips that term and every forward only it needs.
+    ``anchor``/``other`` weigh the single views of the objective's anchor modality (ONE-PEACE:
+    text) and of any other modality; ``joint_anchor``/``joint_other`` the joint views.
+    ``dcl_weights`` overrides any view by name (``"audio"``, ``"joint:text"``...). A weight of 0
+    skips that term and every forward only it needs.
     """
 
-    align: float = Field(1.0, ge=0.0, description="aligning contrast (each X-text pair)")
-    text: float = Field(0.5, ge=0.0, description="denoising contrast of the text-only view")
-    other: float = Field(1.0, ge=0.0, description="denoising contrast of a non-text single view")
-    joint_text: float = Field(0.5, ge=0.0, description="text part of the joint view")
-    joint_other: float = Field(0.5, ge=0.0, description="non-text part of the joint view")
+    align: float = Field(1.0, ge=0.0, description="aligning contrast (each pair)")
+    anchor: float = Field(0.5, ge=0.0, description="denoising contrast of the anchor's own view")
+    other: float = Field(1.0, ge=0.0, description="denoising contrast of another single view")
+    joint_anchor: float = Field(0.5, ge=0.0, description="the anchor's part of the joint view")
+    joint_other: float = Field(0.5, ge=0.0, description="another modality's part of the joint view")
     dcl_weights: dict[str, float] = Field(
         default_factory=dict, description="per-view overrides: '<modality>' or 'joint:<modality>'"
     )
@@ -75,21 +81,36 @@ class LossWeights(StrictModel):
 
     @classmethod
     def stage2(cls, **overrides: object) -> LossWeights:
-        """ONE-PEACE's stage 2 (spec §3.5): no text-only view, X single view 1.0, joint 0.5/0.5."""
-        return cls.model_validate({"text": 0.0, **overrides})
+        """ONE-PEACE's stage 2 (spec §3.5): no anchor-only view, others 1.0, joint 0.5/0.5."""
+        return cls.model_validate({"anchor": 0.0, **overrides})
 
-    def dcl(self, view: str) -> float:
-        """The weight of denoising view ``view``."""
+    def dcl(self, view: str, anchor: str | None) -> float:
+        """The weight of denoising view ``view`` when ``anchor`` is the anchor modality."""
         if view in self.dcl_weights:
             return self.dcl_weights[view]
         if view.startswith(JOINT_PREFIX):
-            return self.joint_text if view == JOINT_PREFIX + JOINT_LEADER else self.joint_other
-        return self.text if view == JOINT_LEADER else self.other
+            is_anchor = view == JOINT_PREFIX + (anchor or "")
+            return self.joint_anchor if is_anchor else self.joint_other
+        return self.anchor if view == anchor else self.other
 
 
 class ObjectiveConfig(StrictModel):
     """Everything :class:`PretrainObjective` needs besides the model."""
 
+    anchor: str | None = Field(
+        ANCHOR_MODALITY,
+        description=(
+            "the modality every other modality is aligned with, which leads joint sequences and "
+            "takes the anchor weights (ONE-PEACE: text); None for no anchor (then set pairs)"
+        ),
+    )
+    pairs: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description=(
+            "the aligned modality pairs, e.g. [['vision', 'audio']]; when given they replace the "
+            "anchored pairs. A pair's first modality leads its joint sequence"
+        ),
+    )
     weights: LossWeights = Field(default_factory=LossWeights)
     decoder: DecoderConfig | None = Field(
         None, description="decoder sizes; None sizes it from the model (DecoderConfig.for_encoder)"
@@ -106,6 +127,31 @@ class ObjectiveConfig(StrictModel):
     )
     local_loss: bool = Field(True, description="aligning contrast: this rank's rows only")
     gather_with_grad: bool = Field(False, description="aligning contrast: gradients through gather")
+
+    @field_validator("anchor")
+    @classmethod
+    def _valid_anchor(cls, anchor: str | None) -> str | None:
+        return None if anchor is None else check_modality_name(anchor)
+
+    @field_validator("pairs")
+    @classmethod
+    def _valid_pairs(cls, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for a, b in pairs:
+            check_modality_name(a)
+            check_modality_name(b)
+            if a == b:
+                raise ValueError(f"pair ({a!r}, {b!r}) aligns a modality with itself")
+        return pairs
+
+    def pairs_for(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
+        """The aligned pairs among ``modalities``: the configured pairs whose sides are both
+        there, or else each of them with the anchor."""
+        present = set(modalities)
+        if self.pairs:
+            return [(a, b) for a, b in self.pairs if a in present and b in present]
+        if self.anchor in present:
+            return [(self.anchor, m) for m in modalities if m != self.anchor]
+        return []
 
 
 def kept_positions(masked: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -137,9 +183,8 @@ def kept_positions(masked: torch.Tensor, padding_mask: torch.Tensor) -> torch.Te
 class _Plan:
     """Which passes and views one batch needs, given the weights."""
 
-    names: list[str]  # modalities of the batch, text first
-    partner: str | None  # the non-text modality when the batch pairs it with text
-    align: bool
+    names: list[str]  # modalities of the batch, in joint order (the leader first)
+    pairs: list[tuple[str, str]]  # the aligned pairs (empty when align is off)
     single_views: list[str]
     joint_views: list[str]
     joint_student: bool
@@ -147,20 +192,29 @@ class _Plan:
     joint_targets: list[str]
 
     @property
+    def align(self) -> bool:
+        return bool(self.pairs)
+
+    @property
     def joint_pass(self) -> bool:
         return self.joint_student or bool(self.joint_targets)
+
+
+def pair_label(pair: tuple[str, str]) -> str:
+    """A pair's name in metrics: ``align:text-vision``."""
+    return f"{pair[0]}-{pair[1]}"
 
 
 class PretrainObjective(nn.Module):
     """Model + decoder + maskers + both losses; ``forward(batch, generator) -> (loss, metrics)``.
 
-    ``maskers`` replaces the plugins' maskers (by modality); by default every modality's masker is
-    built from ``registry`` (the process registry when None) with the model's options.
-    Metrics (plain floats): ``loss``, ``align:<X>``, ``align_acc:<X>->text``,
-    ``align_acc:text-><X>``, ``logit_scale`` (the scale 1/τ used), ``align_chance:<X>`` (the
-    aligning loss of an uninformed model: ln of the candidates per row), ``spread:<X>`` and
-    ``spread:text`` (:func:`~peace_core.losses.embedding_spread`), and per denoising view
-    ``dcl:<view>`` and ``dcl_acc:<view>`` (NaN when nothing was masked).
+    ``maskers`` replaces the model's maskers (by modality); by default each modality uses
+    ``model.masker(m)`` (its plugin's, or the variant the model config picks).
+    Metrics (plain floats), per aligned pair A-B (A the anchor or the pair's first): ``loss``,
+    ``align:A-B``, ``align_acc:B->A``, ``align_acc:A->B``, ``logit_scale`` (the scale 1/τ used),
+    ``align_chance:A-B`` (the aligning loss of an uninformed model: ln of the candidates per row),
+    ``spread:A`` and ``spread:B`` (:func:`~peace_core.losses.embedding_spread`), and per denoising
+    view ``dcl:<view>`` and ``dcl_acc:<view>`` (NaN when nothing was masked).
     """
 
     def __init__(
@@ -169,16 +223,18 @@ class PretrainObjective(nn.Module):
         config: ObjectiveConfig | None = None,
         *,
         maskers: Mapping[str, Masker] | None = None,
-        registry: Registry | None = None,
     ) -> None:
         super().__init__()
         self.config = config or ObjectiveConfig()
         self.model = model
-        unknown = sorted(set(self.config.single_targets_from_joint) - set(model.modalities))
+        named = set(self.config.single_targets_from_joint) | {
+            m for p in self.config.pairs for m in p
+        }
+        unknown = sorted(named - set(model.modalities))
         if unknown:
             raise ObjectiveInputError(
-                f"single_targets_from_joint names {unknown}, which the model does not have; it "
-                f"has {list(model.modalities)}"
+                f"objective.pairs or single_targets_from_joint name {unknown}, which the model "
+                f"does not have; it has {list(model.modalities)}"
             )
         reference = next(model.parameters())
         decoder_config = self.config.decoder or DecoderConfig.for_encoder(model.config.encoder)
@@ -189,7 +245,7 @@ class PretrainObjective(nn.Module):
             device=reference.device,
             dtype=reference.dtype,
         )
-        self.maskers = _build_maskers(model, maskers, registry)
+        self.maskers = _build_maskers(model, maskers)
         self.aligning = AligningContrast(
             local_loss=self.config.local_loss,
             gather_with_grad=self.config.gather_with_grad,
@@ -218,25 +274,35 @@ class PretrainObjective(nn.Module):
                 f"batch holds modalities {unknown} that the model does not have; it has "
                 f"{list(self.model.modalities)}"
             )
-        names = sorted(batch, key=lambda name: name != JOINT_LEADER)
-        others = [name for name in names if name != JOINT_LEADER]
-        if len(others) > 1:
-            raise ObjectiveInputError(
-                f"a pretraining batch holds one modality, or text plus one other; got {names}"
-            )
-        partner = others[0] if JOINT_LEADER in names and others else None
-        weights = self.weights
-        joint_views = [m for m in names if partner and weights.dcl(JOINT_PREFIX + m) > 0]
-        single_views = [m for m in names if weights.dcl(m) > 0]
-        from_joint = self.config.single_targets_from_joint
+        config = self.config
+        pairs = config.pairs_for(list(batch))
+        if len(batch) > 1:
+            unpaired = sorted(set(batch) - {m for pair in pairs for m in pair})
+            if unpaired:
+                described = (
+                    f"pairs {[list(p) for p in config.pairs]}"
+                    if config.pairs
+                    else f"anchor {config.anchor!r}"
+                )
+                raise ObjectiveInputError(
+                    f"a pretraining batch of {sorted(batch)} holds {unpaired}, which no aligned "
+                    f"pair connects (objective {described}); set objective.pairs to align them, "
+                    "or give each dataset one modality"
+                )
+        # Joint order: the pairs' leaders (the anchor) first, then the batch's order.
+        leaders = [a for a, _ in pairs]
+        names = sorted(batch, key=lambda name: leaders.index(name) if name in leaders else 1 << 20)
+        weights, anchor = self.weights, config.anchor
+        joint_views = [m for m in names if pairs and weights.dcl(JOINT_PREFIX + m, anchor) > 0]
+        single_views = [m for m in names if weights.dcl(m, anchor) > 0]
+        from_joint = config.single_targets_from_joint
         plan = _Plan(
             names=names,
-            partner=partner,
-            align=partner is not None and weights.align > 0,
+            pairs=pairs if weights.align > 0 else [],
             single_views=single_views,
             joint_views=joint_views,
             joint_student=bool(joint_views),
-            joint_targets=[m for m in single_views if partner and m in from_joint],
+            joint_targets=[m for m in single_views if pairs and m in from_joint],
         )
         if not (plan.align or plan.single_views or plan.joint_views):
             raise ObjectiveInputError(
@@ -339,24 +405,22 @@ class PretrainObjective(nn.Module):
         total = torch.zeros((), device=next(self.parameters()).device)
         metrics: dict[str, float] = {}
 
-        # 4. Aligning contrast between X and its text.
-        if plan.align:
-            x = plan.partner
+        # 4. Aligning contrast of every pair (ONE-PEACE: each modality with text).
+        for leader, other in plan.pairs:
             aligned = self.aligning.forward_with_metrics(
-                single[x].embedding, single[JOINT_LEADER].embedding, self.model.logit_scale
+                single[other].embedding, single[leader].embedding, self.model.logit_scale
             )
             total = total + weights.align * aligned.loss
-            metrics[f"align:{x}"] = float(aligned.loss.detach())
-            metrics[f"align_acc:{x}->text"] = float(aligned.accuracy_a2t)
-            metrics[f"align_acc:text->{x}"] = float(aligned.accuracy_t2a)
+            label = pair_label((leader, other))
+            metrics[f"align:{label}"] = float(aligned.loss.detach())
+            metrics[f"align_acc:{other}->{leader}"] = float(aligned.accuracy_a2t)
+            metrics[f"align_acc:{leader}->{other}"] = float(aligned.accuracy_t2a)
             metrics["logit_scale"] = float(aligned.scale)
             # The collapse guard's inputs: the loss at chance (ln of the candidates each row is
             # contrasted with) and how much each side's embeddings vary across the batch.
-            metrics[f"align_chance:{x}"] = math.log(aligned.logits_a2t.shape[1])
-            metrics[f"spread:{x}"] = float(embedding_spread(single[x].embedding))
-            metrics[f"spread:{JOINT_LEADER}"] = float(
-                embedding_spread(single[JOINT_LEADER].embedding)
-            )
+            metrics[f"align_chance:{label}"] = math.log(aligned.logits_a2t.shape[1])
+            for m in (leader, other):
+                metrics[f"spread:{m}"] = float(embedding_spread(single[m].embedding))
 
         # 5. Denoising views: students encode kept units, the decoder fills the rest.
         for m in plan.single_views:
@@ -398,12 +462,10 @@ class PretrainObjective(nn.Module):
         )
         metrics[f"dcl:{view}"] = float(result.loss.detach())
         metrics[f"dcl_acc:{view}"] = float(result.accuracy)
-        return self.weights.dcl(view) * result.loss
+        return self.weights.dcl(view, self.config.anchor) * result.loss
 
 
-def _build_maskers(
-    model: PeaceModel, given: Mapping[str, Masker] | None, registry: Registry | None
-) -> dict[str, Masker]:
+def _build_maskers(model: PeaceModel, given: Mapping[str, Masker] | None) -> dict[str, Masker]:
     given = dict(given or {})
     unknown = sorted(set(given) - set(model.modalities))
     if unknown:
@@ -411,23 +473,7 @@ def _build_maskers(
             f"maskers given for {unknown}, which the model does not have; it has "
             f"{list(model.modalities)}"
         )
-    missing = [m for m in model.modalities if m not in given]
-    if missing:
-        registry = registry or get_registry()
-        encoder = model.config.encoder
-        for m in missing:
-            ctx = BuildContext(
-                modality=m,
-                dim=encoder.dim,
-                heads=encoder.heads,
-                depth=encoder.depth,
-                ffn_dim=encoder.ffn_dim,
-                num_bias_tables=encoder.num_bias_tables,
-                options=model.options[m],
-                norm_eps=encoder.norm_eps,
-            )
-            given[m] = registry.masker(m).build(ctx)
-    return {m: given[m] for m in model.modalities}
+    return {m: given[m] if m in given else model.masker(m) for m in model.modalities}
 
 
 def _checked_mask(modality: str, masked: object, padding_mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from peace_registry.contract import (
     ComponentKind,
     ConvertedCheckpoint,
     FFNSpec,
+    ForeignAdapter,
     Masker,
     MaskerSpec,
     ModalitySpec,
@@ -24,6 +25,8 @@ from peace_registry.contract import (
     Register,
     RelativePositions,
     check_modality_name,
+    component_modality,
+    component_name,
 )
 from peace_registry.discovery import ComponentRecord, PluginRecord, PluginStatus
 from peace_registry.errors import (
@@ -60,6 +63,7 @@ __all__ = [
     "ComponentRecord",
     "ConvertedCheckpoint",
     "FFNSpec",
+    "ForeignAdapter",
     "InvalidRegistrationError",
     "Masker",
     "MaskerSpec",
@@ -82,6 +86,8 @@ __all__ = [
     "RelativePositions",
     "UnknownComponentError",
     "check_modality_name",
+    "component_modality",
+    "component_name",
     "get_registry",
     "hookimpl",
     "reset_registry",

@@ -44,6 +44,8 @@ class ConformanceSubject:
     seed: int = 0
     #: Non-default option values the components are built with (e.g. a path a test provides).
     option_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: Named variants to check instead of the defaults, by kind: ``{"masker": "block"}``.
+    variants: Mapping[str, str] = field(default_factory=dict)
     _batch: Batch | None = field(default=None, repr=False)
     _reference: tuple[nn.Module, AdapterOutput] | None = field(default=None, repr=False)
 
@@ -67,7 +69,8 @@ class ConformanceSubject:
         )
 
     def preprocessor(self) -> Any:
-        return self.registry.preprocessor(self.modality).build(self.options())
+        variant = self.variants.get("preprocessor")
+        return self.registry.preprocessor(self.modality, variant).build(self.options())
 
     def batch(self) -> Batch:
         """A collated batch of ``examples(batch_size, seed)``; a fresh copy on every call so a
@@ -82,14 +85,19 @@ class ConformanceSubject:
 
     def build_adapter(self, *, num_bias_tables: int = 1, device: str | None = None) -> nn.Module:
         ctx = self.context(num_bias_tables=num_bias_tables, device=device)
-        adapter = self.registry.adapter(self.modality).build(ctx)
+        adapter = self.registry.adapter(self.modality, self.variants.get("adapter")).build(ctx)
         assert isinstance(adapter, nn.Module), (
             f"{self.modality} adapter build() returned {type(adapter).__name__}, not an nn.Module"
         )
         return adapter
 
     def build_masker(self) -> Any:
-        return self.registry.masker(self.modality).build(self.context())
+        return self.registry.masker(self.modality, self.variants.get("masker")).build(
+            self.context()
+        )
+
+    def ffn_spec(self) -> Any:
+        return self.registry.ffn(self.modality, self.variants.get("ffn"))
 
     def encode(self, adapter: nn.Module, **kwargs: Any) -> AdapterOutput:
         out = adapter(self.batch(), **kwargs)
@@ -339,7 +347,7 @@ def check_masker_joint(subject: ConformanceSubject) -> None:
 
 def check_ffn(subject: ConformanceSubject) -> bool:
     """Check the registered FFN; ``False`` when the modality registers none (core default)."""
-    spec = subject.registry.ffn(subject.modality)
+    spec = subject.ffn_spec()
     if spec is None:
         return False
     ffn = spec.build(subject.context())
@@ -381,7 +389,7 @@ def check_meta_device(subject: ConformanceSubject) -> None:
     adapter = subject.build_adapter(num_bias_tables=TINY_DEPTH, device="meta")
     real = [n for n, t in [*adapter.named_parameters(), *adapter.named_buffers()] if not t.is_meta]
     assert not real, f"adapter built with device='meta' has real tensors: {real}"
-    spec = subject.registry.ffn(subject.modality)
+    spec = subject.ffn_spec()
     if spec is not None:
         ffn = spec.build(subject.context(device="meta"))
         real = [n for n, t in [*ffn.named_parameters(), *ffn.named_buffers()] if not t.is_meta]
@@ -425,9 +433,12 @@ class CheckResult:
     message: str = ""
 
 
-def run_checks(registry: Registry, modality: str) -> list[CheckResult]:
-    """Run every check outside pytest (``peace plugins check``); never raises for a failure."""
-    subject = ConformanceSubject(registry, modality)
+def run_checks(
+    registry: Registry, modality: str, variants: Mapping[str, str] | None = None
+) -> list[CheckResult]:
+    """Run every check outside pytest (``peace plugins check``); never raises for a failure.
+    ``variants`` checks named component variants in place of the defaults."""
+    subject = ConformanceSubject(registry, modality, variants=dict(variants or {}))
     results = []
     for name, check in CHECKS.items():
         try:
@@ -457,6 +468,8 @@ class ModalityConformance:
     #: Option values to build with instead of the defaults (``check_modality_spec`` still checks
     #: that ``options()`` builds with none).
     option_overrides: ClassVar[Mapping[str, Any]] = {}
+    #: Named variants to test in place of the defaults, by kind (``{"masker": "block"}``).
+    variants: ClassVar[Mapping[str, str]] = {}
     _subjects: ClassVar[dict[tuple[type, int], ConformanceSubject]] = {}
 
     def conformance_registry(self) -> Registry:
@@ -469,7 +482,12 @@ class ModalityConformance:
         cached = self._subjects.get(key)
         if cached is None or cached.registry is not registry:
             cached = ConformanceSubject(
-                registry, self.modality, self.batch_size, self.seed, dict(self.option_overrides)
+                registry,
+                self.modality,
+                self.batch_size,
+                self.seed,
+                dict(self.option_overrides),
+                dict(self.variants),
             )
             self._subjects[key] = cached
         return cached

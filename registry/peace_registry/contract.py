@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import nn
 
-PLUGIN_API_VERSION = "1.1"
+PLUGIN_API_VERSION = "1.2"
 
 #: Modality names become checkpoint keys and ``nn.ModuleDict`` keys.
 MODALITY_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -36,6 +36,23 @@ COMPONENT_KINDS: tuple[ComponentKind, ...] = (
     "preprocessor",
     "architecture",
 )
+
+
+#: A component variant's name, e.g. ``block`` in ``vision:block`` (API 1.2).
+VARIANT_NAME_PATTERN = MODALITY_NAME_PATTERN
+#: Separates a modality from a variant in a component's registry name.
+VARIANT_SEPARATOR = ":"
+
+
+def component_name(modality: str, variant: str = "") -> str:
+    """The registry name of a modality's component: ``"vision"``, or ``"vision:block"`` for the
+    variant ``block``."""
+    return f"{modality}{VARIANT_SEPARATOR}{variant}" if variant else modality
+
+
+def component_modality(name: str) -> str:
+    """The modality part of a component's registry name (``"vision:block"`` -> ``"vision"``)."""
+    return name.split(VARIANT_SEPARATOR, 1)[0]
 
 
 def check_modality_name(name: str) -> str:
@@ -83,9 +100,34 @@ class ModalitySpec:
     #: 64}}``: a model built from the preset's name takes them for this modality, under any
     #: options its config sets. Presets hold encoder sizes; each plugin sizes its own modality.
     preset_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    #: How this modality's adapter appears in foreign checkpoint formats (API 1.2), keyed by the
+    #: format's name, e.g. ``{"one-peace": ForeignAdapter("image", ...)}``. A converter (the
+    #: core's handles ``"one-peace"``) maps the shared layers itself and asks each modality for
+    #: its adapter's keys and options, so adapter parameter names live only in their plugin.
+    foreign_adapters: Mapping[str, ForeignAdapter] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         check_modality_name(self.name)
+
+
+@dataclass(frozen=True)
+class ForeignAdapter:
+    """A modality's adapter in one foreign checkpoint format (``ModalitySpec.foreign_adapters``).
+
+    ``name`` is the modality's name in that format (ONE-PEACE calls vision ``"image"``).
+    ``map_key(key)`` takes a key relative to the format's adapter prefix (ONE-PEACE:
+    ``"image_adapter."``) and returns the native key relative to this plugin's adapter, or
+    ``None`` for a key with no counterpart (then ``ignore`` decides whether that is expected).
+    ``ignore`` is a regular expression (``re.search``) of such keys that are expected and dropped.
+    ``infer_options(state, cfg)`` returns this modality's option dict from the converted adapter
+    state (native keys relative to the adapter) and the checkpoint's own config mapping (``{}``
+    when it has none); it raises ``ValueError`` saying what is missing when it cannot.
+    """
+
+    name: str
+    map_key: Callable[[str], str | None]
+    infer_options: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Mapping[str, Any]]
+    ignore: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,12 +147,21 @@ class BuildContext:
     dtype: torch.dtype | None = None
 
 
+# Adapters, FFNs, maskers and preprocessors are registered per modality. Each may also come as
+# a named *variant* (API 1.2): ``MaskerSpec("vision", build, variant="block")`` registers
+# ``"vision:block"``, which any plugin may provide for any modality, and a model selects it in
+# its config (``variants = {vision = {masker = "block"}}``). The variant builds from the same
+# ``BuildContext`` and options as the default. Two registrations of one name are still an error.
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """``build(ctx)`` returns an ``nn.Module`` following the :class:`Adapter` protocol."""
 
     modality: str
     build: Callable[[BuildContext], nn.Module]
+    #: ``""`` for the modality's default adapter; a name for a variant (API 1.2).
+    variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,6 +173,7 @@ class FFNSpec:
 
     modality: str
     build: Callable[[BuildContext], nn.Module]
+    variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +182,7 @@ class MaskerSpec:
 
     modality: str
     build: Callable[[BuildContext], Masker]
+    variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +191,7 @@ class PreprocessorSpec:
 
     modality: str
     build: Callable[[BaseModel], Preprocessor]
+    variant: str = ""
 
 
 @dataclass(frozen=True)

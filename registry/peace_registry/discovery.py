@@ -21,6 +21,7 @@ import pluggy
 from peace_registry import hookspecs
 from peace_registry.contract import (
     PLUGIN_API_VERSION,
+    VARIANT_NAME_PATTERN,
     AdapterSpec,
     ArchitectureSpec,
     ComponentKind,
@@ -29,6 +30,8 @@ from peace_registry.contract import (
     ModalitySpec,
     PreprocessorSpec,
     check_modality_name,
+    component_modality,
+    component_name,
 )
 from peace_registry.errors import (
     DISABLE_ENV,
@@ -240,7 +243,7 @@ def check_api_version(source: PluginSource, declared: object) -> str | None:
     if theirs[1] > ours[1]:
         return (
             f"{describe_plugin(source.name, source.dist, source.version)} targets plugin API "
-            f"{declared}, newer than the {PLUGIN_API_VERSION} that {provided}; it is loaded, but "
+            f"{declared}, newer than {PLUGIN_API_VERSION} ({provided}); it is loaded, but "
             "features it relies on may be missing: upgrade peace-core (pip install -U peace-core)"
         )
     return None
@@ -293,7 +296,13 @@ def _validate_spec(kind: ComponentKind, spec: Any) -> str:
     name = check_modality_name(spec.modality)
     if not callable(spec.build):
         raise InvalidRegistrationError(f"{kind} for modality {name!r}: build must be callable")
-    return name
+    variant = spec.variant
+    if variant and not (isinstance(variant, str) and VARIANT_NAME_PATTERN.match(variant)):
+        raise InvalidRegistrationError(
+            f"{kind} for modality {name!r}: invalid variant name {variant!r}: expected lower-case "
+            "letters, digits and '_', starting with a letter, or '' for the default"
+        )
+    return component_name(name, variant)
 
 
 def _validate_modality_spec(spec: ModalitySpec) -> str:
@@ -517,9 +526,10 @@ def dist_stem(dist: str) -> str:
 def accounts_for(record: PluginRecord, key: ComponentKey) -> bool:
     """Whether an unusable plugin plausibly provides ``key``: it registered it before failing, or
     (it never got that far) its plugin or distribution is named after the modality."""
-    if key in record.attempted or ("modality", key[1]) in record.attempted:
+    modality = component_modality(key[1])
+    if key in record.attempted or ("modality", modality) in record.attempted:
         return True
-    return key[0] != "architecture" and key[1] in (record.name, dist_stem(record.dist))
+    return key[0] != "architecture" and modality in (record.name, dist_stem(record.dist))
 
 
 def load_plugins(
@@ -606,8 +616,10 @@ def _drop_orphans(
                     (kind, name)
                     for kind, name in items
                     if kind in MODALITY_COMPONENT_KINDS
-                    and name not in modalities
-                    and not any(accounts_for(r, ("modality", name)) for r in unusable)
+                    and component_modality(name) not in modalities
+                    and not any(
+                        accounts_for(r, ("modality", component_modality(name))) for r in unusable
+                    )
                 ),
                 None,
             )
@@ -619,7 +631,8 @@ def _drop_orphans(
                 record.name,
                 record.dist,
                 record.version,
-                f"invalid registration: it registers a {orphan[0]} for modality {orphan[1]!r}, "
+                f"invalid registration: it registers a {orphan[0]} for modality "
+                f"{component_modality(orphan[1])!r}, "
                 f"but no plugin registers that modality (registered modalities: {listing})",
             )
             if strict:

@@ -9,11 +9,14 @@ is ``firstresult`` ("who handles this file").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from peace_registry.contract import ConvertedCheckpoint, Register
+
+if TYPE_CHECKING:
+    from peace_registry.registry import Registry
 
 PROJECT_NAME = "peace"
 ENTRY_POINT_GROUP = "peace.plugins"
@@ -57,10 +60,12 @@ def peace_register_architectures(register: Register) -> None:
 
 @hookspec(firstresult=True)
 def peace_convert_checkpoint(
-    checkpoint: Mapping[str, Any], source: str
+    checkpoint: Mapping[str, Any], source: str, registry: Registry
 ) -> ConvertedCheckpoint | None:
     """Convert a foreign checkpoint (already safely loaded) into a native config + state dict.
 
     Return ``None`` when the checkpoint is not of a format this plugin handles. ``source`` names
-    the file for messages.
+    the file for messages. ``registry`` (API 1.2; take the argument only if you need it) is the
+    registry converting, whose modalities say how their adapters appear in foreign formats
+    (``ModalitySpec.foreign_adapters``).
     """

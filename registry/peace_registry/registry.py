@@ -20,6 +20,8 @@ from peace_registry.contract import (
     MaskerSpec,
     ModalitySpec,
     PreprocessorSpec,
+    component_modality,
+    component_name,
 )
 from peace_registry.discovery import (
     MODALITY_COMPONENT_KINDS,
@@ -111,18 +113,29 @@ class Registry:
     def modality(self, name: str) -> ModalitySpec:
         return self._lookup("modality", name)
 
-    def adapter(self, name: str) -> AdapterSpec:
-        return self._lookup("adapter", name)
+    # ``variant`` picks a named variant (``"block"`` looks up ``"vision:block"``); ``""`` or
+    # ``None`` the modality's default component.
 
-    def ffn(self, name: str) -> FFNSpec | None:
-        """The modality's FFN, or ``None`` when it uses the core default (GeGLU + Sub-LN)."""
-        return self._lookup("ffn", name, optional=True)
+    def adapter(self, name: str, variant: str | None = None) -> AdapterSpec:
+        return self._lookup("adapter", component_name(name, variant or ""))
 
-    def masker(self, name: str) -> MaskerSpec:
-        return self._lookup("masker", name)
+    def ffn(self, name: str, variant: str | None = None) -> FFNSpec | None:
+        """The modality's FFN, or ``None`` when it uses the core default (GeGLU + Sub-LN); a named
+        variant is never optional."""
+        return self._lookup("ffn", component_name(name, variant or ""), optional=not variant)
 
-    def preprocessor(self, name: str) -> PreprocessorSpec:
-        return self._lookup("preprocessor", name)
+    def masker(self, name: str, variant: str | None = None) -> MaskerSpec:
+        return self._lookup("masker", component_name(name, variant or ""))
+
+    def preprocessor(self, name: str, variant: str | None = None) -> PreprocessorSpec:
+        return self._lookup("preprocessor", component_name(name, variant or ""))
+
+    def variants(self, kind: ComponentKind, modality: str) -> list[str]:
+        """Names of the registered variants of ``modality``'s ``kind`` (the default excluded)."""
+        prefix = component_name(modality, "x")[:-1]
+        return sorted(
+            n[len(prefix) :] for k, n in self._components if k == kind and n.startswith(prefix)
+        )
 
     def architecture(self, name: str) -> ArchitectureSpec:
         return self._lookup("architecture", name)
@@ -172,7 +185,7 @@ class Registry:
         """Ask the loaded plugins' ``peace_convert_checkpoint`` in pluggy's call order; the first
         non-``None`` answer wins. Raises :class:`CheckpointFormatError` when nobody handles it."""
         impls = self._manager.hook.peace_convert_checkpoint.get_hookimpls()
-        arguments = {"checkpoint": checkpoint, "source": source}
+        arguments = {"checkpoint": checkpoint, "source": source, "registry": self}
         for impl in reversed(impls):  # pluggy calls the last registered implementation first
             record = self._records[impl.plugin_name]
             try:
@@ -206,7 +219,7 @@ class Registry:
     def _lookup(self, kind: ComponentKind, name: str, *, optional: bool = False) -> Any:
         per_modality = kind in MODALITY_COMPONENT_KINDS
         if per_modality:
-            self.modality(name)  # a missing or broken modality is explained first
+            self.modality(component_modality(name))  # a missing or broken modality comes first
         key: ComponentKey = (kind, name)
         if key in self._conflicts:
             raise self._conflicts[key]
@@ -217,13 +230,15 @@ class Registry:
             raise UnknownComponentError(kind, name, self._names(kind), hint=self._unusable_hint())
         if optional:
             return None
-        provider = self._components[("modality", name)]
+        modality = component_modality(name)
+        provider = self._components[("modality", modality)]
+        what = f"its {kind}" if name == modality else f"the {kind} variant {name!r}"
         raise UnknownComponentError(
             kind,
             name,
             self._names(kind),
-            hint=f"Modality {name!r} is registered (by plugin {provider.plugin!r}) but no "
-            f"plugin registers its {kind}.",
+            hint=f"Modality {modality!r} is registered (by plugin {provider.plugin!r}) but no "
+            f"plugin registers {what}.",
         )
 
     def _raise_if_unavailable(self, key: ComponentKey, *, exact_only: bool) -> None:

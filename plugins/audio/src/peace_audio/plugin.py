@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from peace_audio import official_keys
 from peace_registry.contract import (
     AdapterSpec,
     BuildContext,
-    FFNSpec,
+    ForeignAdapter,
     MaskerSpec,
     ModalitySpec,
     PreprocessorSpec,
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from peace_audio.masking import AudioBlockMasker
     from peace_audio.preprocess import AudioPreprocessor
 
-PEACE_PLUGIN_API = "1.1"
+PEACE_PLUGIN_API = "1.2"
 
 #: The tiny preset (CPU tests, the demo, CPU recipes): 8 kHz audio (speech and most sounds stay
 #: recognisable below 4 kHz, at half the cost of 16 kHz) through a light 32-channel extractor
@@ -67,12 +68,6 @@ def build_adapter(ctx: BuildContext) -> nn.Module:
     )
 
 
-def build_ffn(ctx: BuildContext) -> nn.Module:
-    from peace_core.layers import GeGLUFFN
-
-    return GeGLUFFN(ctx.dim, ctx.ffn_dim, eps=ctx.norm_eps, device=ctx.device, dtype=ctx.dtype)
-
-
 def build_masker(ctx: BuildContext) -> AudioBlockMasker:
     from peace_audio.masking import AudioBlockMasker
 
@@ -99,6 +94,15 @@ def peace_register_modalities(register: Register) -> None:
             # The official 512-channel extractor is slow to run on a CPU for every check.
             check_options={"feature_layers": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2},
             preset_options={"tiny": TINY_OPTIONS},
+            # The official checkpoint's "audio" adapter: its keys and options (peace convert).
+            foreign_adapters={
+                "one-peace": ForeignAdapter(
+                    "audio",
+                    official_keys.map_key,
+                    official_keys.infer_options,
+                    ignore=official_keys.IGNORED,
+                )
+            },
         )
     )
 
@@ -106,11 +110,6 @@ def peace_register_modalities(register: Register) -> None:
 @hookimpl
 def peace_register_adapters(register: Register) -> None:
     register(AdapterSpec(modality=MODALITY, build=build_adapter))
-
-
-@hookimpl
-def peace_register_ffns(register: Register) -> None:
-    register(FFNSpec(modality=MODALITY, build=build_ffn))
 
 
 @hookimpl

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 from peace_registry.contract import (
     AdapterSpec,
     BuildContext,
-    FFNSpec,
+    ForeignAdapter,
     MaskerSpec,
     ModalitySpec,
     PreprocessorSpec,
     Register,
 )
 from peace_registry.hookspecs import hookimpl
+from peace_text import official_keys
 from peace_text.options import TextOptions
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from peace_text.masking import WholeWordMasker
     from peace_text.preprocess import TextPreprocessor
 
-PEACE_PLUGIN_API = "1.1"
+PEACE_PLUGIN_API = "1.2"
 
 MODALITY = "text"
 
@@ -55,12 +56,6 @@ def build_adapter(ctx: BuildContext) -> nn.Module:
 
     _fitted(ctx.options)
     return TextAdapter.from_context(ctx)
-
-
-def build_ffn(ctx: BuildContext) -> nn.Module:
-    from peace_core.layers import GeGLUFFN
-
-    return GeGLUFFN(ctx.dim, ctx.ffn_dim, eps=ctx.norm_eps, device=ctx.device, dtype=ctx.dtype)
 
 
 def build_masker(ctx: BuildContext) -> WholeWordMasker:
@@ -103,6 +98,12 @@ def peace_register_modalities(register: Register) -> None:
                     "max_tokens": 96,
                 }
             },
+            # The official checkpoint's "text" adapter: its keys and options (peace convert).
+            foreign_adapters={
+                "one-peace": ForeignAdapter(
+                    "text", official_keys.map_key, official_keys.infer_options
+                )
+            },
         )
     )
 
@@ -110,11 +111,6 @@ def peace_register_modalities(register: Register) -> None:
 @hookimpl
 def peace_register_adapters(register: Register) -> None:
     register(AdapterSpec(modality=MODALITY, build=build_adapter))
-
-
-@hookimpl
-def peace_register_ffns(register: Register) -> None:
-    register(FFNSpec(modality=MODALITY, build=build_ffn))
 
 
 @hookimpl

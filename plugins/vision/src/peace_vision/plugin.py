@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 from peace_registry.contract import (
     AdapterSpec,
     BuildContext,
-    FFNSpec,
+    ForeignAdapter,
     MaskerSpec,
     ModalitySpec,
     PreprocessorSpec,
     Register,
 )
 from peace_registry.hookspecs import hookimpl
+from peace_vision import official_keys
 from peace_vision.options import VisionOptions
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from peace_vision.masking import VisionMasker
     from peace_vision.preprocess import VisionPreprocessor
 
-PEACE_PLUGIN_API = "1.1"
+PEACE_PLUGIN_API = "1.2"
 
 MODALITY = "vision"
 
@@ -35,12 +36,6 @@ def build_adapter(ctx: BuildContext) -> nn.Module:
     from peace_vision.adapter import VisionAdapter
 
     return VisionAdapter(ctx)
-
-
-def build_ffn(ctx: BuildContext) -> nn.Module:
-    from peace_core.layers import GeGLUFFN
-
-    return GeGLUFFN(ctx.dim, ctx.ffn_dim, eps=ctx.norm_eps, device=ctx.device, dtype=ctx.dtype)
 
 
 def build_masker(ctx: BuildContext) -> VisionMasker:
@@ -66,9 +61,12 @@ MODALITY_SPEC = ModalitySpec(
     options=VisionOptions,
     # The tiny preset (CPU tests, the demo, CPU recipes): 64-px images, 4x4 patches.
     preset_options={"tiny": {"image_size": 64}},
+    # The official checkpoint's "image" adapter: its keys and options (peace convert).
+    foreign_adapters={
+        "one-peace": ForeignAdapter("image", official_keys.map_key, official_keys.infer_options)
+    },
 )
 ADAPTER_SPEC = AdapterSpec(MODALITY, build_adapter)
-FFN_SPEC = FFNSpec(MODALITY, build_ffn)
 MASKER_SPEC = MaskerSpec(MODALITY, build_masker)
 PREPROCESSOR_SPEC = PreprocessorSpec(MODALITY, build_preprocessor)
 
@@ -81,11 +79,6 @@ def peace_register_modalities(register: Register) -> None:
 @hookimpl
 def peace_register_adapters(register: Register) -> None:
     register(ADAPTER_SPEC)
-
-
-@hookimpl
-def peace_register_ffns(register: Register) -> None:
-    register(FFN_SPEC)
 
 
 @hookimpl
