@@ -29,6 +29,7 @@ SMALL = SynthConfig(
     texts=20,
     test_images=12,
     test_sounds=12,
+    image_sounds=10,
     image_size=48,
     shard_size=8,
 )
@@ -63,6 +64,7 @@ def test_layout_counts_and_keys(made: tuple[Path, dict[str, Any]]) -> None:
         "train/image_text": (30, {"jpg", "txt", "json"}),
         "train/audio_text": (18, {"flac", "txt", "json"}),
         "train/text": (20, {"txt", "json"}),
+        "train/image_audio": (10, {"jpg", "flac", "json"}),
         "test/image_text": (12, {"jpg", "txt", "json"}),
         "test/audio_text": (12, {"flac", "txt", "json"}),
     }
@@ -303,7 +305,9 @@ def test_png_and_image_size_options(tmp_path: Path) -> None:
 
 
 def test_refuses_to_overwrite_unless_asked_and_then_removes_stale_shards(tmp_path: Path) -> None:
-    config = SMALL.model_copy(update={"train_images": 20, "train_sounds": 0, "texts": 0})
+    config = SMALL.model_copy(
+        update={"train_images": 20, "train_sounds": 0, "texts": 0, "image_sounds": 0}
+    )
     synthesize(tmp_path, config, jobs=1)
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="already holds a synthetic dataset"):
@@ -401,3 +405,15 @@ def test_class_subsets_choose_what_is_drawn_and_prompted(tmp_path: Path) -> None
 def test_class_subsets_are_validated(field: str, value: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SynthConfig(**{field: value})
+
+
+def test_image_sound_pairs_go_class_with_class(made: tuple[Path, dict[str, Any]]) -> None:
+    root, manifest = made
+    samples = {}
+    for shard in manifest["datasets"]["train/image_audio"]["shards"]:
+        samples.update(read_samples(root / shard))
+    assert len(samples) == 10
+    shapes, kinds = list(SMALL.image_classes), list(SMALL.sound_classes)
+    for key, sample in samples.items():
+        meta = json.loads(sample["json"])
+        assert kinds.index(meta["sound"]["kind"]) == shapes.index(meta["image"]["shape"]), key

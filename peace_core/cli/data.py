@@ -29,6 +29,7 @@ def add_parser(subparsers: Any) -> None:
         "--test-images": 300,
         "--test-sounds": 300,
         "--texts": 2000,
+        "--image-sounds": 0,
     }
     for flag, default in counts.items():
         synth.add_argument(flag, type=int, default=default, metavar="N", help=f"default {default}")
@@ -82,6 +83,7 @@ def _synth(args: argparse.Namespace) -> int:
         test_images=args.test_images,
         test_sounds=args.test_sounds,
         texts=args.texts,
+        image_sounds=args.image_sounds,
         image_size=args.image_size,
         image_format=args.image_format,
         caption_detail=args.caption_detail,

@@ -5,6 +5,8 @@ Layout under ``OUT``::
     train/image_text-000000.tar ...   jpg|png + txt caption + json (shape, colour, ..., label)
     train/audio_text-000000.tar ...   flac + txt caption + json (kind, pitch, count, ..., label)
     train/text-000000.tar ...         txt captions alone (+ json of what they describe)
+    train/image_audio-000000.tar ...  jpg|png + flac of one class pair, no caption (only when
+                                      image_sounds > 0: pretraining a pair without text)
     test/image_text-*.tar, test/audio_text-*.tar
     prompts/vision.json, prompts/audio.json   {"classes": [...], "templates": [...]}
     manifest.json                     seed, settings, counts, shard lists and brace patterns
@@ -33,11 +35,11 @@ from peace_core.data import synth_audio, synth_image
 MANIFEST_FORMAT = "peace-synth/1"
 #: Dataset kinds and the splits that have them.
 LAYOUT: dict[str, tuple[str, ...]] = {
-    "train": ("image_text", "audio_text", "text"),
+    "train": ("image_text", "audio_text", "text", "image_audio"),
     "test": ("image_text", "audio_text"),
 }
 _SPLIT_CODES = {"train": 0, "test": 1}
-_KIND_CODES = {"image_text": 0, "audio_text": 1, "text": 2}
+_KIND_CODES = {"image_text": 0, "audio_text": 1, "text": 2, "image_audio": 3}
 
 Sample = dict[str, Any]
 
@@ -51,6 +53,14 @@ class SynthConfig(StrictModel):
     test_images: int = Field(300, ge=0)
     test_sounds: int = Field(300, ge=0)
     texts: int = Field(2000, ge=0, description="text-only training captions")
+    image_sounds: int = Field(
+        0,
+        ge=0,
+        description=(
+            "training pairs of an image and a sound without caption, the image's shape and the "
+            "sound's kind paired by class index (for pretraining vision with audio)"
+        ),
+    )
     image_size: int = Field(64, ge=16, le=1024, description="side of the square images, pixels")
     image_format: Literal["jpg", "png"] = "jpg"
     caption_detail: float = Field(
@@ -87,6 +97,7 @@ class SynthConfig(StrictModel):
             ("train", "image_text"): self.train_images,
             ("train", "audio_text"): self.train_sounds,
             ("train", "text"): self.texts,
+            ("train", "image_audio"): self.image_sounds,
             ("test", "image_text"): self.test_images,
             ("test", "audio_text"): self.test_sounds,
         }
@@ -155,10 +166,29 @@ def text_sample(config: SynthConfig, split: str, index: int) -> Sample:
     }
 
 
+def image_sound_sample(config: SynthConfig, split: str, index: int) -> Sample:
+    """One image-audio pair: ``{"__key__", "jpg"|"png", "flac", "json"}``; class ``i`` of the
+    images goes with class ``i`` of the sounds (cycled when their numbers differ)."""
+    rng = _rng(config, split, "image_audio", index)
+    shape = config.image_classes[index % len(config.image_classes)]
+    kind = config.sound_classes[index % len(config.image_classes) % len(config.sound_classes)]
+    scene = synth_image.random_scene(rng, shape)
+    sound = synth_audio.random_sound(rng, kind)
+    return {
+        "__key__": f"{split}_pair_{index:07d}",
+        config.image_format: synth_image.encode_image(
+            synth_image.render_scene(scene, rng, config.image_size), config.image_format
+        ),
+        "flac": synth_audio.encode_flac(synth_audio.render_sound(sound, rng)),
+        "json": _json({"image": scene.metadata(), "sound": sound.metadata()}),
+    }
+
+
 _MAKERS: dict[str, Callable[[SynthConfig, str, int], Sample]] = {
     "image_text": image_sample,
     "audio_text": sound_sample,
     "text": text_sample,
+    "image_audio": image_sound_sample,
 }
 
 
