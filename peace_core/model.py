@@ -234,7 +234,7 @@ class PeaceModel(nn.Module):
         names = tuple(modalities) or self.modalities
         for name in names:
             self._check_modality(name)
-        structure = tuple(map(id, self.modules()))
+        structure = self._branch_structure()
         cached = self._branches.get(names)
         if cached is None or cached[0] != structure:
             branch = Branch(
@@ -246,6 +246,16 @@ class PeaceModel(nn.Module):
             )
             self._branches[names] = cached = (structure, branch)
         return cached[1]
+
+    def _branch_structure(self) -> tuple[int, ...]:
+        """Identities of the modules a branch copies references of (the encoder's and each
+        block's children, FFNs, norms, adapters, projections): what a stale branch would miss."""
+        encoder = self.encoder
+        parts: list[Any] = [*encoder._modules.values(), *encoder.final_norms.values()]
+        for block in encoder.blocks:
+            parts += [block, *block._modules.values(), *block.ffns.values()]
+        parts += [*self.adapters.values(), *self.projections.values()]
+        return tuple(map(id, parts))
 
     def forward(
         self,

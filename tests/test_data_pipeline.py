@@ -601,25 +601,18 @@ def test_pipeline_needs_a_preprocessor_for_every_modality(synth_root: Path) -> N
 
 
 def real_preprocessors() -> tuple[dict[str, Any], dict[str, tuple[str, ...]], Any]:
-    from peace_core.data import preprocessors_from_registry
-    from peace_registry import UnknownComponentError, get_registry
+    """The first-party plugins' preprocessors and file extensions, as a model exposes them."""
+    from peace_core import create_model
 
-    registry = get_registry()
-    try:
-        for name in ("vision", "audio", "text"):
-            registry.modality(name)
-            registry.preprocessor(name)
-    except UnknownComponentError as exc:
-        pytest.skip(f"first-party plugins not installed yet: {exc}")
-    options = {"text": {"tokenizer": {"kind": "bytes"}, "vocab_size": 260}}  # needs no files
-    preprocessors, extensions = preprocessors_from_registry(
-        ["vision", "audio", "text"], registry, options
-    )
-    return preprocessors, extensions, registry
+    model = create_model("tiny", ["vision", "audio", "text"], device="meta")
+    names = model.modalities
+    preprocessors = {name: model.preprocessor(name) for name in names}
+    extensions = {name: tuple(model.spec(name).file_extensions) for name in names}
+    return preprocessors, extensions, model
 
 
 def test_real_plugins_read_the_synthetic_dataset(synth_root: Path) -> None:
-    preprocessors, extensions, registry = real_preprocessors()
+    preprocessors, extensions, model = real_preprocessors()
     config = DataConfig(
         datasets=[
             image_dataset(synth_root),
@@ -639,7 +632,7 @@ def test_real_plugins_read_the_synthetic_dataset(synth_root: Path) -> None:
     assert {b["dataset"] for b in batches} == {"images", "sounds"}
     for batch in batches:
         for modality, collated in batch["modalities"].items():
-            expected_keys = set(registry.modality(modality).input_keys)
+            expected_keys = set(model.spec(modality).input_keys)
             assert expected_keys <= set(collated), (modality, sorted(collated))
             assert all(v.shape[0] == 4 for v in collated.values() if isinstance(v, torch.Tensor))
     assert data.stats.bad_total == 0, data.stats.summary()

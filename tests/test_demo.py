@@ -66,7 +66,7 @@ def test_stage_configs_are_valid_pretraining_configs(tmp_path: Path) -> None:
     assert "vision" not in second.freeze.train_only and second.freeze.reset_logit_scale
     weights = {d.name: d.weight for d in second.data.datasets}
     assert weights == {"synth_audio_text": 1.0, "synth_image_text": QUICK_PLAN.stage2_rehearsal}
-    assert second.objective.weights.dcl("text") == 0.0
+    assert second.objective.weights.dcl("text", second.objective.anchor) == 0.0
 
     alone = QUICK_PLAN.model_copy(update={"stage2_rehearsal": 0.0})
     second = PretrainConfig.model_validate(stage2_config(tmp_path, alone, checkpoint))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -160,11 +161,12 @@ def test_presets_hold_encoder_sizes_and_plugins_size_their_modalities():
     from peace_core.factory import resolve_config
     from peace_core.presets import PRESETS
 
-    # Core names no option field of any modality.
+    # Core names no modality and no option field of one.
     for preset in PRESETS.values():
-        assert all(options == {} for options in preset["config"]["modalities"].values())
-    # Built by name, each plugin's options for the preset apply ...
+        assert "modalities" not in preset["config"]
+    # Built by name, a preset has every installed modality, each sized by its plugin ...
     tiny = resolve_config("tiny")
+    assert set(tiny.modalities) == {"vision", "audio", "text"}
     assert tiny.modalities["vision"]["image_size"] == 64
     assert tiny.modalities["audio"]["sample_rate"] == 8000
     assert tiny.modalities["text"]["tokenizer"] == {"kind": "bytes"}
@@ -172,3 +174,40 @@ def test_presets_hold_encoder_sizes_and_plugins_size_their_modalities():
     assert resolve_config("small").modalities["vision"] == {}
     raw = {**PRESETS["tiny"]["config"], "modalities": {"vision": {"image_size": 32}}}
     assert resolve_config(raw).modalities["vision"] == {"image_size": 32}
+
+
+def test_branches_are_cached_and_rebuilt_when_a_module_is_replaced(model):
+    branch = model.branch("vision", "text")
+    assert model.branch("vision", "text") is branch
+    assert model.branch("text", "vision") is not branch  # another order is another branch
+    block = model.encoder.blocks[0]
+    model.encoder.blocks[0] = copy.deepcopy(block)  # e.g. wrapped for sharding
+    try:
+        rebuilt = model.branch("vision", "text")
+        assert rebuilt is not branch
+        assert rebuilt.encoder.blocks[0].attn is model.encoder.blocks[0].attn
+    finally:
+        model.encoder.blocks[0] = block
+
+
+def test_the_model_forward_builds_no_branch(model, monkeypatch):
+    def refuse(*names):
+        raise AssertionError(f"model.forward built a branch of {names}")
+
+    pixels = torch.randn(2, 3, 64, 64)
+    expected = model.branch("vision")({"vision": {"pixels": pixels}})["vision"].embedding
+    monkeypatch.setattr(model, "branch", refuse)
+    out = model({"vision": {"pixels": pixels}})["vision"].embedding
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_joint_sequence_gives_the_same_states_in_either_order(model):
+    batch = model.preprocess(text=["a red circle", "a blue square"])
+    batch["vision"] = {"pixels": torch.randn(2, 3, 64, 64)}
+    text_first = model(batch)
+    vision_first = model({"vision": batch["vision"], "text": batch["text"]})
+    # Relative positions are per modality, so only the order of the fused sequence differs; the
+    # attention is order-free apart from them: both orders give the same states, up to rounding.
+    torch.testing.assert_close(
+        text_first["text"].embedding, vision_first["text"].embedding, atol=1e-5, rtol=1e-5
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIRS = sorted(p.parent for p in (REPO / "plugins").glob("*/pyproject.toml"))
+PLUGIN_DIRS = sorted(p.parent for p in (REPO / "plugins").glob("[!_]*/pyproject.toml"))
 
 
 def top_level_names(wheel: Path) -> set[str]:

@@ -1,4 +1,5 @@
-"""The pretraining trainer: freezing, exact resume, optimizer groups, schedule, configs, CLI."""
+"""The pretraining trainer: freezing, exact resume, the run state on its own, optimizer groups,
+schedule, configs, CLI."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from peace_core.cli import main as peace_main
 from peace_core.config_io import ConfigError, load_config, read_config_file
 from peace_core.data import SynthConfig, synthesize
 from peace_core.data.pipeline import raw_samples
+from peace_core.data.stats import DataStats
 from peace_core.pretrain.build import build_model
-from peace_core.pretrain.checkpoints import CheckpointStore
 from peace_core.pretrain.config import PretrainConfig, load_pretrain_config
 from peace_core.pretrain.freeze import FreezeConfig, apply_freeze
 from peace_core.pretrain.logging import read_metrics, tensorboard_tag, truncate_metrics
@@ -37,7 +38,15 @@ from peace_core.pretrain.optim import (
     lr_at,
     param_groups,
 )
-from peace_core.pretrain.runtime import IsolatedRng, resolve_precision
+from peace_core.pretrain.run_state import (
+    CheckpointStore,
+    RunState,
+    config_changes,
+    find_checkpoint,
+    stats_from_plain,
+    stats_to_plain,
+)
+from peace_core.pretrain.runtime import IsolatedRng, RunContext, resolve_precision
 from peace_core.pretrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,7 +333,7 @@ def test_example_configs_hold_the_official_hyper_parameters() -> None:
     )
     assert stage1.data.batch_size == 32 and stage1.model.modalities == ["vision", "text"]
     weights = stage1.objective.weights
-    assert (weights.text, weights.other, weights.joint_text, weights.joint_other) == (
+    assert (weights.anchor, weights.other, weights.joint_anchor, weights.joint_other) == (
         0.5,
         1.0,
         0.5,
@@ -337,8 +346,8 @@ def test_example_configs_hold_the_official_hyper_parameters() -> None:
     )
     assert stage2.data.batch_size == 16
     assert stage2.freeze.train_only == ["audio"] and stage2.freeze.reset_logit_scale
-    assert stage2.objective.weights.dcl("audio") == 1.0
-    assert stage2.objective.weights.dcl("text") == 0.0
+    assert stage2.objective.weights.dcl("audio", "text") == 1.0
+    assert stage2.objective.weights.dcl("text", "text") == 0.0
     assert stage2.objective.single_targets_from_joint == ["audio"]
     tiny2 = load_pretrain_config(REPO / "configs" / "stage2_tiny.toml")
     assert tiny2.model.init_from == "runs/stage1_tiny"
@@ -431,7 +440,7 @@ def stage2_config(synth_root: Path, output: Path, init_from: Path) -> dict[str, 
     raw["objective"] = {
         "decoder": dict(MICRO_DECODER),
         "single_targets_from_joint": ["audio"],
-        "weights": {"text": 0.0},
+        "weights": {"anchor": 0.0},
     }
     raw["schedule"] = {"total_steps": 2}
     return raw
@@ -665,6 +674,129 @@ def test_loss_falls_and_bad_samples_are_skipped_and_reported(
         assert torch.equal(value, trained[key]), key
     # The resolved config was saved beside it and reads back as the same config.
     assert load_pretrain_config(tmp_path / "run" / "config.yaml") == validated(raw)
+
+
+# ---- the run state on its own --------------------------------------------------------------
+
+
+def _write_steps(store: CheckpointStore, *steps: int) -> None:
+    for step in steps:
+        store.write(step, {"name": "x"}, {"w": torch.full((2,), float(step))}, {"step": step})
+
+
+def test_the_store_keeps_the_newest_and_moves_its_pointer(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep=2)
+    assert store.steps() == [] and store.latest() is None
+    _write_steps(store, 1, 2, 10, 3)  # written out of order: the one just written is kept
+    assert [step for step, _ in store.steps()] == [3, 10]
+    assert store.latest() == store.path_for(3)  # the pointer, not the highest step
+    (store.directory / CheckpointStore.POINTER).unlink()
+    assert store.latest() == store.path_for(10)  # no pointer: the newest step file
+    (store.directory / CheckpointStore.POINTER).write_text("step_00000099.pt\n")
+    assert store.latest() == store.path_for(10)  # a dangling pointer is ignored
+    everything = CheckpointStore(tmp_path / "all", keep=0)
+    _write_steps(everything, 1, 2, 3)
+    assert len(everything.steps()) == 3
+
+
+def test_find_checkpoint_takes_a_file_a_run_or_its_checkpoints(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    _write_steps(store, 4, 8)
+    assert find_checkpoint(store.path_for(4)) == store.path_for(4)
+    assert find_checkpoint(tmp_path / "run") == store.path_for(8)
+    assert find_checkpoint(store.directory) == store.path_for(8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        find_checkpoint(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoint(tmp_path / "missing.pt")
+
+
+def test_data_stats_and_config_changes_as_plain_values() -> None:
+    stats = DataStats()
+    stats.record_ok("images", 5)
+    stats.record_bad("images", "missing text", "shard-0/7")
+    assert stats_from_plain(stats_to_plain(stats)).as_dict() == stats.as_dict()
+    saved = {"optim": {"lr": 1e-3, "betas": [0.9, 0.98]}, "seed": 0}
+    current = {"optim": {"lr": 2e-3, "betas": [0.9, 0.98]}, "log_every": 1, "seed": 0}
+    assert config_changes(current, saved) == ["log_every", "optim.lr"]
+    assert config_changes(saved, saved) == []
+
+
+class _FakeLoader:
+    """What the run state reads and restores of a data loader."""
+
+    def __init__(self) -> None:
+        self.position = {"epoch": 0, "batches": 0}
+        self.stats = DataStats()
+        self.config = type("Config", (), {"resume": "exact"})()
+        self.pipeline = type("Pipeline", (), {"resampled": False})()
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = dict(state)
+
+
+def _parts(config: PretrainConfig, seed: int) -> Any:
+    from types import SimpleNamespace
+
+    torch.manual_seed(seed)
+    objective = PretrainObjective(build_model(config.model), config.objective)
+    optimizer = build_optimizer(objective, config.optim)
+    schedule = config.schedule.resolve(None)
+    return SimpleNamespace(
+        context=RunContext(torch.device("cpu")),
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.optim.lr, schedule),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loader=_FakeLoader(),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def test_run_state_saves_and_resumes_without_a_training_loop(tmp_path: Path) -> None:
+    raw = stage1_config(Path("."), tmp_path / "run", keep_checkpoints=2)
+    config = validated(raw)
+    parts = _parts(config, seed=1)
+    state = RunState(config, say=pytest.fail)
+    at_epoch_start = DataStats()
+    at_epoch_start.record_ok("images", 4)
+    state.mark_epoch_start(at_epoch_start)
+    parts.loader.stats.record_ok("images", 12)
+    parts.loader.position = {"epoch": 1, "batches": 3}
+    for step in (1, 2, 3):
+        state.step = step
+        assert state.save(parts) == state.store.path_for(step)
+    assert state.saved and state.last_checkpoint == state.store.path_for(3)
+    assert [step for step, _ in state.store.steps()] == [2, 3]
+    expected = _draw()
+    expected_masks = torch.rand(3, generator=parts.generator)
+
+    _seed_all(99)  # a new process: other weights, other RNG states
+    raw["optim"] = {"lr": 1e-3}
+    said: list[str] = []
+    resumed, again = RunState(validated(raw), say=said.append), _parts(validated(raw), seed=2)
+    assert resumed.resume(again, None) == state.store.path_for(3)
+    assert resumed.step == 3 and resumed.resumed_from == state.store.path_for(3)
+    assert resumed.saved
+    drawn = _draw()
+    assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]
+    assert torch.equal(torch.rand(3, generator=again.generator), expected_masks)
+    assert again.loader.position == {"epoch": 1, "batches": 3}
+    # An exact resume replays the epoch, so it counts from the epoch's start again.
+    assert again.loader.stats.as_dict() == at_epoch_start.as_dict()
+    for name, value in parts.objective.state_dict().items():
+        assert torch.equal(value, again.objective.state_dict()[name]), name
+    # The new peak learning rate wins (the scheduler has not stepped: step 0's rate).
+    first_lr = lr_at(0, 1e-3, config.schedule.resolve(None))
+    assert all(g["lr"] == pytest.approx(first_lr) for g in again.optimizer.param_groups)
+    assert said == ["note: the config differs from the checkpoint's in: optim.lr"]
+
+    raw["auto_resume"] = False
+    assert RunState(validated(raw), say=said.append).resume(again, None) is None
 
 
 # ---- pieces: precision, logging, CLI -------------------------------------------------------

@@ -20,7 +20,6 @@ _EXPORTS = {
     "DataPosition": "peace_core.data.pipeline",
     "WebDataLoader": "peace_core.data.pipeline",
     "WebDataPipeline": "peace_core.data.pipeline",
-    "preprocessors_from_registry": "peace_core.data.pipeline",
     "sequential_loader": "peace_core.data.pipeline",
     "SynthConfig": "peace_core.data.synth",
     "synthesize": "peace_core.data.synth",

@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -61,7 +61,7 @@ from peace_registry.contract import Preprocessor
 from peace_registry.errors import PeaceError
 
 if TYPE_CHECKING:
-    from peace_registry.registry import Registry
+    pass
 
 #: A batch record: {"dataset": name, "modalities": {name: collated}, "meta": [...]}.
 Batch = dict[str, Any]
@@ -464,25 +464,3 @@ def sequential_loader(
     return WebDataLoader(
         config, preprocessors, file_extensions, train=False, rank=rank, world_size=world_size
     )
-
-
-def preprocessors_from_registry(
-    modalities: Sequence[str],
-    registry: Registry | None = None,
-    options: Mapping[str, Mapping[str, Any]] | None = None,
-) -> tuple[dict[str, Preprocessor], dict[str, tuple[str, ...]]]:
-    """Build each modality's preprocessor (from its options dict, default options otherwise) and
-    look up its file extensions, from the installed plugins."""
-    if registry is None:
-        from peace_registry.registry import get_registry
-
-        registry = get_registry()
-    options = options or {}
-    preprocessors: dict[str, Preprocessor] = {}
-    extensions: dict[str, tuple[str, ...]] = {}
-    for name in modalities:
-        spec = registry.modality(name)
-        build: Callable[[Any], Preprocessor] = registry.preprocessor(name).build
-        preprocessors[name] = build(spec.options(**dict(options.get(name, {}))))
-        extensions[name] = tuple(spec.file_extensions)
-    return preprocessors, extensions

@@ -1,9 +1,10 @@
 """Training metrics: ``metrics.jsonl`` (one JSON object per record), TensorBoard, a PNG plot.
 
-A record is ``{"step": N, "time": unix seconds, name: number, ...}``. Metric names follow the
-objective's (``loss``, ``align:vision``, ``dcl:joint:text``...); TensorBoard tags put a ``/``
-for the first ``:`` so related curves group together. A resumed run first drops the records of
-steps after the checkpoint it resumes from, so the file never holds two histories.
+A record is ``{"step": N, "time": unix seconds, name: number, ...}``, usually the mean over the
+steps since the last one (:func:`mean_metrics`). Metric names follow the objective's (``loss``,
+``align:text-vision``, ``dcl:joint:text``...); TensorBoard tags put a ``/`` for the first ``:``
+so related curves group together. A resumed run first drops the records of steps after the
+checkpoint it resumes from, so the file never holds two histories.
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ from peace_core.extras import available, require
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+
+
+def mean_metrics(steps: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Per-name mean over finite values (NaN where a name had none)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for metrics in steps:
+        for name, value in metrics.items():
+            sums.setdefault(name, 0.0)
+            counts.setdefault(name, 0)
+            if math.isfinite(value):
+                sums[name] += value
+                counts[name] += 1
+    return {n: (sums[n] / counts[n] if counts[n] else math.nan) for n in sums}
 
 
 class MetricsLogger:

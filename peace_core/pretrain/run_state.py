@@ -1,0 +1,332 @@
+"""The state of a pretraining run and its checkpoints: writing, pruning, finding, resuming.
+
+A run directory keeps its checkpoints in ``checkpoints/step_00001000.pt`` with a ``latest``
+pointer, written atomically (file, then pointer, then pruning, so a crash leaves a valid latest).
+A checkpoint is a native checkpoint (:mod:`peace_core.checkpoint`, the file layer) whose extra
+entries hold the decoder, optimizer, scheduler, scaler, step and, for every rank, its data
+position, bad-sample counts and RNG states (python, numpy, torch CPU/CUDA, the masking
+generator). Everything is plain containers and tensors: checkpoints load ``weights_only``.
+
+On resume the saved state is restored as it was, except that the current config's AdamW
+settings and peak learning rate win (values that did not change stay bitwise what was saved, so
+an unchanged config resumes exactly), and the user is told which config fields changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+
+from peace_core.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from peace_core.data.pipeline import WebDataLoader
+from peace_core.data.stats import DatasetCounts, DataStats
+from peace_core.pretrain.config import PretrainConfig
+from peace_core.pretrain.objective import PretrainObjective
+from peace_core.pretrain.optim import OptimConfig
+from peace_core.pretrain.runtime import RunContext, capture_rng, restore_rng
+
+#: Marks a trainer checkpoint (a native checkpoint plus the state needed to resume).
+CHECKPOINT_FORMAT = "peace-pretrain/1"
+CHECKPOINTS_DIR = "checkpoints"
+
+# --------------------------------------------------------------------------------------------
+# Data statistics in checkpoints
+
+
+def stats_to_plain(stats: DataStats) -> dict[str, Any]:
+    """DataStats as plain containers (checkpoints are loaded with ``weights_only``)."""
+    return {
+        name: {
+            "ok": c.ok,
+            "bad": dict(c.bad),
+            "examples": {k: list(v) for k, v in c.examples.items()},
+        }
+        for name, c in stats.datasets.items()
+    }
+
+
+def stats_from_plain(plain: Mapping[str, Any]) -> DataStats:
+    stats = DataStats()
+    for name, counts in plain.items():
+        restored = DatasetCounts(ok=int(counts["ok"]))
+        restored.bad.update({str(k): int(v) for k, v in counts["bad"].items()})
+        restored.examples = {str(k): list(v) for k, v in counts["examples"].items()}
+        stats.datasets[name] = restored
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+class CheckpointStore:
+    """``step_00001000.pt`` files in one directory, a ``latest`` pointer, and pruning."""
+
+    POINTER = "latest"
+    _PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+    def __init__(self, directory: str | os.PathLike[str], keep: int = 0) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}.pt"
+
+    def write(
+        self,
+        step: int,
+        config: dict[str, Any],
+        state_dict: dict[str, torch.Tensor],
+        extra: dict[str, Any],
+    ) -> Path:
+        """Write atomically, then move the pointer, then prune (a crash leaves a valid latest)."""
+        path = write_checkpoint(self.path_for(step), config, state_dict, extra)
+        temporary = self.directory / f".{self.POINTER}.tmp"
+        temporary.write_text(path.name + "\n", encoding="utf-8")
+        os.replace(temporary, self.directory / self.POINTER)
+        self._prune(keep_path=path)
+        return path
+
+    def steps(self) -> list[tuple[int, Path]]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = self._PATTERN.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The checkpoint the pointer names, else the newest step file, else None."""
+        pointer = self.directory / self.POINTER
+        if pointer.is_file():
+            named = self.directory / pointer.read_text(encoding="utf-8").strip()
+            if named.is_file():
+                return named
+        steps = self.steps()
+        return steps[-1][1] if steps else None
+
+    def _prune(self, keep_path: Path) -> None:
+        if self.keep <= 0:
+            return
+        old = [path for _, path in self.steps()[: -self.keep] if path != keep_path]
+        for path in old:
+            path.unlink(missing_ok=True)
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint file, or the latest one under a run directory or its ``checkpoints/``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for directory in (path, path / CHECKPOINTS_DIR):
+            latest = CheckpointStore(directory).latest()
+            if latest is not None:
+                return latest
+        raise CheckpointError(f"no checkpoint found in {str(path)!r} or its checkpoints/")
+    raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming
+
+
+def apply_config_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, optim: OptimConfig
+) -> None:
+    """After loading optimizer/scheduler state: ``optim``'s AdamW settings and peak learning
+    rate win over the saved ones (values that did not change stay bitwise what was saved, so
+    an unchanged config resumes exactly)."""
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = optim.betas, optim.eps
+        group["weight_decay"] = optim.weight_decay if group["group"] == "decay" else 0.0
+    if any(base != optim.lr for base in scheduler.base_lrs):
+        scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = optim.lr
+            group["lr"] = optim.lr * factor
+
+
+def config_changes(current: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """The dotted names of the fields that differ between two dumped configs, sorted."""
+    now, before = _flatten(current), _flatten(saved)
+    return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Resumable(Protocol):
+    """The pieces of a training loop that a checkpoint saves and restores."""
+
+    context: RunContext
+    objective: PretrainObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    loader: WebDataLoader
+    generator: torch.Generator  # the masking generator
+
+
+class RunState:
+    """Where a run stands (its step, its last checkpoint, where it resumed from) and how it gets
+    to and from its checkpoints.
+
+    Every rank holds one; :meth:`save` and :meth:`resume` must be called by all of them (rank 0
+    writes the files). ``say`` receives the notes for the user (config changes on resume).
+    """
+
+    def __init__(self, config: PretrainConfig, *, say: Callable[[str], None]) -> None:
+        self.config = config
+        self.store = CheckpointStore(
+            Path(config.output_dir) / CHECKPOINTS_DIR, config.keep_checkpoints
+        )
+        self._say = say
+        #: Optimizer steps done.
+        self.step = 0
+        self.resumed_from: Path | None = None
+        #: The newest checkpoint written or resumed from (rank 0 knows written paths).
+        self.last_checkpoint: Path | None = None
+        self._last_checkpoint_step = -1
+        #: The data counts when the current epoch started: an exact resume replays the epoch
+        #: from there.
+        self.epoch_start_stats = DataStats()
+
+    @property
+    def saved(self) -> bool:
+        """Whether the current step has a checkpoint already."""
+        return self._last_checkpoint_step == self.step
+
+    def mark_epoch_start(self, stats: DataStats) -> None:
+        self.epoch_start_stats = copy.deepcopy(stats)
+
+    def resume_path(self, resume: str | os.PathLike[str] | None) -> Path | None:
+        """The checkpoint to resume from: ``resume``'s, else the latest when auto-resuming."""
+        if resume is not None:
+            return find_checkpoint(resume)
+        if self.config.auto_resume:
+            return self.store.latest()
+        return None
+
+    def resume(self, parts: Resumable, resume: str | os.PathLike[str] | None) -> Path | None:
+        """Load the checkpoint :meth:`resume_path` finds into ``parts`` (if there is one)."""
+        path = self.resume_path(resume)
+        if path is not None:
+            self.load(path, parts)
+        return path
+
+    # ------------------------------------------------------------------------ writing
+
+    def rank_state(self, parts: Resumable) -> dict[str, Any]:
+        """What differs per rank: RNG states, data position, bad-sample counts."""
+        return {
+            "rng": capture_rng(),
+            "masks": parts.generator.get_state(),
+            "data": parts.loader.state_dict(),
+            "data_stats": stats_to_plain(parts.loader.stats),
+            "data_stats_epoch_start": stats_to_plain(self.epoch_start_stats),
+        }
+
+    def save(self, parts: Resumable) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes and gets the path; every rank
+        must call)."""
+        context = parts.context
+        rank_state = self.rank_state(parts)
+        states: list[Any] = [rank_state]
+        if context.distributed:
+            states = [None] * context.world_size
+            dist.all_gather_object(states, rank_state)
+        path = None
+        if context.is_main:
+            model = parts.objective.model
+            extra = {
+                "format": CHECKPOINT_FORMAT,
+                "pretrain_config": self.config.model_dump(mode="json"),
+                "decoder": parts.objective.decoder.state_dict(),
+                "optimizer": parts.optimizer.state_dict(),
+                "scheduler": parts.scheduler.state_dict(),
+                "scaler": parts.scaler.state_dict(),
+                "step": self.step,
+                "world_size": context.world_size,
+                "ranks": states,
+            }
+            path = self.store.write(
+                self.step, model.config.model_dump(mode="json"), model.state_dict(), extra
+            )
+            self.last_checkpoint = path
+        self._last_checkpoint_step = self.step
+        if context.distributed:
+            dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------------ reading
+
+    def load(self, path: Path, parts: Resumable) -> None:
+        """Restore ``parts`` and this state from the checkpoint at ``path``."""
+        checkpoint = read_checkpoint(path)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{str(path)!r} is not a pretraining checkpoint (it has no optimizer or step "
+                "state); to start from its weights set model.init_from instead"
+            )
+        try:
+            parts.objective.model.load_state_dict(checkpoint["state_dict"])
+            parts.objective.decoder.load_state_dict(checkpoint["decoder"])
+            parts.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[:3]
+            raise CheckpointError(
+                f"cannot resume from {str(path)!r}: it does not fit this config's model, "
+                f"decoder or trainable parameters ({' '.join(first)}); start a new run with "
+                "another output_dir or auto_resume=false"
+            ) from err
+        parts.scheduler.load_state_dict(checkpoint["scheduler"])
+        apply_config_hyperparameters(parts.optimizer, parts.scheduler, self.config.optim)
+        if checkpoint.get("scaler"):
+            parts.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = int(checkpoint["step"])
+        changed = config_changes(
+            self.config.model_dump(mode="json"), checkpoint.get("pretrain_config") or {}
+        )
+        if changed:
+            shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+            self._say(f"note: the config differs from the checkpoint's in: {shown}")
+        self._load_rank_state(checkpoint["ranks"], parts)
+        self.resumed_from = path
+        self.last_checkpoint = path
+        self._last_checkpoint_step = self.step
+
+    def _load_rank_state(self, states: list[dict[str, Any]], parts: Resumable) -> None:
+        context, loader = parts.context, parts.loader
+        if len(states) != context.world_size:
+            self._say(
+                f"warning: the checkpoint was written by {len(states)} rank(s), this run has "
+                f"{context.world_size}; data order and randomness will not repeat exactly"
+            )
+        state = states[context.rank % len(states)]
+        loader.load_state_dict(state["data"])
+        replays = loader.config.resume == "exact" or not loader.pipeline.resampled
+        # An exact resume replays the epoch from its start and counts its samples again.
+        key = "data_stats_epoch_start" if replays else "data_stats"
+        loader.stats = stats_from_plain(state[key])
+        restore_rng(state["rng"])
+        parts.generator.set_state(state["masks"])
