@@ -21,8 +21,8 @@ from peace_core.factory import (
     resolve_config,
 )
 from peace_core.model import PeaceModel
-from peace_core.pretrain.run_state import find_checkpoint
 from peace_core.pretrain.config import ModelSection
+from peace_core.pretrain.run_state import find_checkpoint
 from peace_registry import Registry, get_registry
 from peace_registry.contract import ConvertedCheckpoint
 
