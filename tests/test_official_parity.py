@@ -138,3 +138,22 @@ def test_vision_only_official_file_loads_its_backbone(tmp_path, inputs, expected
     for layer, state in enumerate(states):
         diff = (state - expected["image_layer_states"][layer]).abs().max().item()
         assert diff <= HIDDEN_TOL
+
+
+def test_an_official_modality_no_plugin_claims_is_left_out_with_a_warning(inputs, expected):
+    import peace_audio.plugin
+    import peace_text.plugin
+    from peace_core import builtin_plugin
+    from peace_registry import PeaceWarning, Registry
+
+    registry = Registry.from_plugins(
+        {"core": builtin_plugin, "text": peace_text.plugin, "audio": peace_audio.plugin}
+    )
+    with pytest.warns(PeaceWarning, match=r"official modalities \['image'\] are left out"):
+        model = from_pretrained(FIXTURE / "checkpoint.pt", registry=registry)
+    assert sorted(model.modalities) == ["audio", "text"]
+    # What the plugins that are there map still reproduces the official model.
+    with torch.no_grad():
+        out = model({"text": {"tokens": inputs["text_tokens"]}})["text"]
+    _assert_close_valid(out.hidden, expected["text_hidden"], out.padding_mask, HIDDEN_TOL)
+    assert (out.embedding - expected["text_embed"]).abs().max().item() <= EMBED_TOL
