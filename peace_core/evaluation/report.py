@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from peace_core.config import ANCHOR_MODALITY
 from peace_core.evaluation.classification import LABEL_FIELDS
 from peace_core.extras import TRAIN_EXTRA, available, require
 
@@ -206,7 +207,7 @@ def plot_similarity_heatmap(
             ha="right",
             fontsize=6,
         )
-    ax.set_xlabel("text")
+    ax.set_xlabel(ANCHOR_MODALITY)
     if item_labels is not None:
         ax.set_yticks(range(rows), labels=[_short(t) for t in item_labels], fontsize=6)
     ax.set_ylabel("item")
