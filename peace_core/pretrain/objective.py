@@ -1,7 +1,7 @@
 """The ONE-PEACE pretraining objective: aligning contrast + denoising contrast (spec §3).
 
 Which modalities are contrasted is configuration: by default every modality is aligned with the
-*anchor*, text (ONE-PEACE); ``pairs`` lists any other pairs (audio with vision, IMU with video).
+*anchor*, text (ONE-PEACE); ``pairs`` lists any other pairs (audio with vision, depth with video).
 For a batch holding the two sides A and B of a pair (any plugins'), one step does:
 
 1. unmasked forwards of A and of B, each alone: retrieval embeddings for the aligning contrast,

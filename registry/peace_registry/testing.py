@@ -100,7 +100,7 @@ def write_plugin_distribution(
 ) -> Path:
     """Write a minimal installed distribution into ``root`` and return ``root``.
 
-    ``entry_points`` maps plugin names to targets (``"imu": "peace_imu_toy.plugin"``) in the
+    ``entry_points`` maps plugin names to targets (``"lidar": "peace_lidar_toy.plugin"``) in the
     ``peace.plugins`` group; ``files`` maps paths relative to ``root`` to their source text.
     Put ``root`` on ``sys.path`` (:func:`on_sys_path`, or ``PYTHONPATH`` for a subprocess) to
     have it discovered.
