@@ -45,17 +45,17 @@ def discover() -> Registry:
 
 
 def describe_registrations(record: PluginRecord) -> str:
-    """``vision: modality, adapter`` per modality, then ``architectures: tiny, base``."""
+    """``vision: modality, adapter`` per modality, then ``architectures: tiny, base`` and
+    ``datasets: demo``."""
     per_name: dict[str, list[str]] = {}
-    presets = []
+    named: dict[str, list[str]] = {"architecture": [], "dataset": []}
     for kind, name in record.components:
-        if kind == "architecture":
-            presets.append(name)
+        if kind in named:
+            named[kind].append(name)
         else:
             per_name.setdefault(name, []).append(kind)
     lines = [f"{name}: {', '.join(kinds)}" for name, kinds in per_name.items()]
-    if presets:
-        lines.append(f"architectures: {', '.join(presets)}")
+    lines += [f"{kind}s: {', '.join(names)}" for kind, names in named.items() if names]
     return "\n".join(lines) or "-"
 
 
@@ -110,6 +110,18 @@ def check_architecture(registry: Registry, name: str) -> tuple[bool, str]:
     return True, f"config valid{note}"
 
 
+def check_dataset(registry: Registry, name: str) -> tuple[bool, str]:
+    """A dataset generator loads and its options build with their defaults."""
+    try:
+        generator = registry.dataset(name).load()
+        generator.options()
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if not callable(generator.generate):
+        return False, "its generate is not callable"
+    return True, f"loads; options {', '.join(generator.options.model_fields)}"
+
+
 def check_plugin(registry: Registry, record: PluginRecord) -> bool:
     """Print the outcome for one plugin; return whether it passed."""
     from peace_registry.conformance import run_checks
@@ -131,7 +143,7 @@ def check_plugin(registry: Registry, record: PluginRecord) -> bool:
     # checked in place of that modality's default.
     subjects: dict[str, dict[str, str]] = {}
     for kind, name in record.components:
-        if kind == "architecture":
+        if kind in ("architecture", "dataset"):
             continue
         modality = component_modality(name)
         if name == modality:
@@ -156,10 +168,11 @@ def check_plugin(registry: Registry, record: PluginRecord) -> bool:
             print(f"    FAIL {', '.join(names)}: {message}")
         passed = passed and not failures
     for kind, name in record.components:
-        if kind != "architecture":
+        if kind not in ("architecture", "dataset"):
             continue
-        ok, message = check_architecture(registry, name)
-        print(f"  {'OK  ' if ok else 'FAIL'} architecture {name}: {message}")
+        check = check_architecture if kind == "architecture" else check_dataset
+        ok, message = check(registry, name)
+        print(f"  {'OK  ' if ok else 'FAIL'} {kind} {name}: {message}")
         passed = passed and ok
     return passed
 

@@ -268,7 +268,7 @@ def synthesize(
     if previous and not overwrite:
         raise FileExistsError(
             f"{root} already holds a synthetic dataset ({len(previous)} files, e.g. "
-            f"{previous[0]}); remove it or pass overwrite (--overwrite)"
+            f"{previous[0]}); remove it or pass overwrite"
         )
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")

@@ -21,13 +21,15 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import nn
 
-PLUGIN_API_VERSION = "1.2"
+PLUGIN_API_VERSION = "1.3"
 
 #: Modality names become checkpoint keys and ``nn.ModuleDict`` keys.
 MODALITY_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 #: The kinds of component a plugin can register; each is keyed by a modality (or preset) name.
-ComponentKind = Literal["modality", "adapter", "ffn", "masker", "preprocessor", "architecture"]
+ComponentKind = Literal[
+    "modality", "adapter", "ffn", "masker", "preprocessor", "architecture", "dataset"
+]
 COMPONENT_KINDS: tuple[ComponentKind, ...] = (
     "modality",
     "adapter",
@@ -35,6 +37,7 @@ COMPONENT_KINDS: tuple[ComponentKind, ...] = (
     "masker",
     "preprocessor",
     "architecture",
+    "dataset",
 )
 
 
@@ -204,6 +207,36 @@ class ArchitectureSpec:
     name: str
     description: str
     config: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DatasetGenerator:
+    """What a :class:`DatasetSpec` loads: the generator's settings and the function writing it.
+
+    ``options`` is a pydantic model (``extra="forbid"``, every field defaulted).
+    ``generate(out, options, *, overwrite=False, jobs=None)`` writes webdataset shards under
+    ``out`` (``train/<kind>-NNNNNN.tar``, ``test/...``, ``prompts/<modality>.json`` for zero-shot
+    classification, ``manifest.json``) and returns the manifest, whose ``datasets`` maps
+    ``"<split>/<kind>"`` to ``{"count", "shards", "urls"}``. It refuses (``FileExistsError``) to
+    write over another dataset unless ``overwrite``, which removes only its own files; ``jobs``
+    is how many processes it may use (``None``: its choice).
+    """
+
+    options: type[BaseModel]
+    generate: Callable[..., Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A synthetic dataset a plugin can write (API 1.3): ``peace data synth --kind NAME OUT``.
+
+    ``load()`` returns a :class:`DatasetGenerator`; it is called only when the dataset is made,
+    so the entry module imports nothing heavy.
+    """
+
+    name: str
+    description: str
+    load: Callable[[], DatasetGenerator]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from peace_registry.contract import (
     AdapterSpec,
     ArchitectureSpec,
     ComponentKind,
+    DatasetSpec,
     FFNSpec,
     MaskerSpec,
     ModalitySpec,
@@ -55,6 +56,7 @@ REGISTRATION_HOOKS: dict[ComponentKind, tuple[str, type]] = {
     "masker": ("peace_register_maskers", MaskerSpec),
     "preprocessor": ("peace_register_preprocessors", PreprocessorSpec),
     "architecture": ("peace_register_architectures", ArchitectureSpec),
+    "dataset": ("peace_register_datasets", DatasetSpec),
 }
 #: Kinds keyed by a modality name, which must be a modality somebody registers.
 MODALITY_COMPONENT_KINDS: tuple[ComponentKind, ...] = ("adapter", "ffn", "masker", "preprocessor")
@@ -293,6 +295,16 @@ def _validate_spec(kind: ComponentKind, spec: Any) -> str:
         return name
     if kind == "modality":
         return _validate_modality_spec(spec)
+    if kind == "dataset":
+        name = spec.name
+        if not isinstance(name, str) or not VARIANT_NAME_PATTERN.match(name):
+            raise InvalidRegistrationError(
+                f"invalid dataset name {name!r}: expected lower-case letters, digits and '_', "
+                "starting with a letter (it names files and a CLI choice)"
+            )
+        if not callable(spec.load):
+            raise InvalidRegistrationError(f"dataset {name!r}: load must be callable")
+        return name
     name = check_modality_name(spec.modality)
     if not callable(spec.build):
         raise InvalidRegistrationError(f"{kind} for modality {name!r}: build must be callable")

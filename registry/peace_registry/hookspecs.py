@@ -58,6 +58,12 @@ def peace_register_architectures(register: Register) -> None:
     """Register :class:`~peace_registry.contract.ArchitectureSpec` presets."""
 
 
+@hookspec
+def peace_register_datasets(register: Register) -> None:
+    """Register :class:`~peace_registry.contract.DatasetSpec` synthetic dataset generators
+    (API 1.3; ``peace data synth --kind NAME``)."""
+
+
 @hookspec(firstresult=True)
 def peace_convert_checkpoint(
     checkpoint: Mapping[str, Any], source: str, registry: Registry

@@ -16,6 +16,7 @@ from peace_registry.contract import (
     ArchitectureSpec,
     ComponentKind,
     ConvertedCheckpoint,
+    DatasetSpec,
     FFNSpec,
     MaskerSpec,
     ModalitySpec,
@@ -139,6 +140,13 @@ class Registry:
 
     def architecture(self, name: str) -> ArchitectureSpec:
         return self._lookup("architecture", name)
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return self._lookup("dataset", name)
+
+    def datasets(self) -> list[str]:
+        """Names of the registered synthetic dataset generators, sorted."""
+        return self._names("dataset")
 
     def modalities(self) -> list[str]:
         """Names of the usable modalities, sorted."""
