@@ -69,6 +69,14 @@ _IGNORED = re.compile(
 )
 _ADAPTER_KEY = re.compile(rf"(?:encoder_wrapper\.)?{_OFFICIAL}_adapter\.(.+)$")
 _PROJECTION_KEY = re.compile(rf"{_OFFICIAL}_proj\.(weight|bias)$")
+_FUSION_PREFIX = r"(?:encoder_wrapper\.fusion_model\.|encoder\.)"
+#: Keys that belong to one official modality; group 1 names it.
+_OWNED_KEYS = (
+    _ADAPTER_KEY,
+    _PROJECTION_KEY,
+    re.compile(rf"{_FUSION_PREFIX}layers\.\d+\.{_OFFICIAL}_ffn\."),
+    re.compile(rf"{_FUSION_PREFIX}{_OFFICIAL}_layer_norm\."),
+)
 _TABLE_KEY = re.compile(
     rf"(?:encoder_wrapper\.)?{_OFFICIAL}_adapter\.rel_pos_table_list\.(\d+)\.weight$"
 )
@@ -173,12 +181,7 @@ def convert_official(
 
 def _owner(key: str) -> str | None:
     """The official modality a per-modality key belongs to (None for shared layers)."""
-    for pattern in (
-        _ADAPTER_KEY,
-        _PROJECTION_KEY,
-        re.compile(rf"(?:encoder_wrapper\.fusion_model\.|encoder\.)layers\.\d+\.{_OFFICIAL}_ffn\."),
-        re.compile(rf"(?:encoder_wrapper\.fusion_model\.|encoder\.){_OFFICIAL}_layer_norm\."),
-    ):
+    for pattern in _OWNED_KEYS:
         match = pattern.match(key)
         if match:
             return match.group(1)

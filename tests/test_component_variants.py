@@ -159,7 +159,7 @@ def test_a_variant_name_must_be_a_plain_name():
         def peace_register_maskers(self, register):
             register(MaskerSpec("vision", lambda ctx: None, variant="Block-1"))
 
-    with pytest.raises(PluginLoadError, match="invalid variant name 'Block-1'"):
+    with pytest.raises(PluginLoadError, match="invalid masker variant name 'Block-1'"):
         Registry.discover(strict=True, extra_plugins={"bad": BadVariant()})
 
 

@@ -41,8 +41,6 @@ COMPONENT_KINDS: tuple[ComponentKind, ...] = (
 )
 
 
-#: A component variant's name, e.g. ``block`` in ``vision:block`` (API 1.2).
-VARIANT_NAME_PATTERN = MODALITY_NAME_PATTERN
 #: Separates a modality from a variant in a component's registry name.
 VARIANT_SEPARATOR = ":"
 
@@ -58,11 +56,12 @@ def component_modality(name: str) -> str:
     return name.split(VARIANT_SEPARATOR, 1)[0]
 
 
-def check_modality_name(name: str) -> str:
-    """Return ``name`` if it is a valid modality name, else raise ``ValueError`` saying why."""
+def check_modality_name(name: str, what: str = "modality") -> str:
+    """Return ``name`` if it is a valid modality name, else raise ``ValueError`` saying why.
+    Variant and dataset names follow the same rule (``what`` names them in the message)."""
     if not isinstance(name, str) or not MODALITY_NAME_PATTERN.match(name):
         raise ValueError(
-            f"invalid modality name {name!r}: expected lower-case letters, digits and '_', "
+            f"invalid {what} name {name!r}: expected lower-case letters, digits and '_', "
             "starting with a letter (pattern ^[a-z][a-z0-9_]*$)"
         )
     return name

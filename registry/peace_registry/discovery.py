@@ -21,7 +21,6 @@ import pluggy
 from peace_registry import hookspecs
 from peace_registry.contract import (
     PLUGIN_API_VERSION,
-    VARIANT_NAME_PATTERN,
     AdapterSpec,
     ArchitectureSpec,
     ComponentKind,
@@ -296,12 +295,7 @@ def _validate_spec(kind: ComponentKind, spec: Any) -> str:
     if kind == "modality":
         return _validate_modality_spec(spec)
     if kind == "dataset":
-        name = spec.name
-        if not isinstance(name, str) or not VARIANT_NAME_PATTERN.match(name):
-            raise InvalidRegistrationError(
-                f"invalid dataset name {name!r}: expected lower-case letters, digits and '_', "
-                "starting with a letter (it names files and a CLI choice)"
-            )
+        name = check_modality_name(spec.name, "dataset")  # it names files and a CLI choice
         if not callable(spec.load):
             raise InvalidRegistrationError(f"dataset {name!r}: load must be callable")
         return name
@@ -309,11 +303,8 @@ def _validate_spec(kind: ComponentKind, spec: Any) -> str:
     if not callable(spec.build):
         raise InvalidRegistrationError(f"{kind} for modality {name!r}: build must be callable")
     variant = spec.variant
-    if variant and not (isinstance(variant, str) and VARIANT_NAME_PATTERN.match(variant)):
-        raise InvalidRegistrationError(
-            f"{kind} for modality {name!r}: invalid variant name {variant!r}: expected lower-case "
-            "letters, digits and '_', starting with a letter, or '' for the default"
-        )
+    if variant != "":  # "" is the modality's default component
+        check_modality_name(variant, f"{kind} variant")
     return component_name(name, variant)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from peace_registry.contract import (
+    VARIANT_SEPARATOR,
     AdapterSpec,
     ArchitectureSpec,
     ComponentKind,
@@ -133,7 +134,7 @@ class Registry:
 
     def variants(self, kind: ComponentKind, modality: str) -> list[str]:
         """Names of the registered variants of ``modality``'s ``kind`` (the default excluded)."""
-        prefix = component_name(modality, "x")[:-1]
+        prefix = modality + VARIANT_SEPARATOR
         return sorted(
             n[len(prefix) :] for k, n in self._components if k == kind and n.startswith(prefix)
         )
