@@ -74,6 +74,9 @@ class DemoPlan(StrictModel):
         0.0, ge=0.0, description="weight of image-text batches mixed into stage 2 (0: none)"
     )
     data_workers: int = Field(1, ge=0)
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; None: chosen (peace_core.threads)"
+    )
     eval_batch_size: int = Field(100, gt=0)
     seed: int = Field(0, ge=0)
 
@@ -229,6 +232,7 @@ def _run_section(stage: StagePlan, output_dir: Path, plan: DemoPlan) -> dict[str
         "auto_resume": False,
         "tensorboard": False,
         "seed": plan.seed + 3407,
+        "threads": plan.threads,
     }
 
 
@@ -285,6 +289,7 @@ def run_demo(
     from peace_core.factory import from_pretrained
     from peace_core.pretrain.config import PretrainConfig
     from peace_core.pretrain.trainer import Trainer
+    from peace_core.threads import apply_threads, plan_threads
 
     plan = plan or (QUICK_PLAN if quick else FULL_PLAN)
     out = Path(out)
@@ -315,6 +320,9 @@ def run_demo(
         phase(stage, begun)
 
     begun = time.perf_counter()
+    threads = plan_threads(threads=plan.threads)  # evaluation reads its data in this process
+    apply_threads(threads)
+    echo(f"[demo] evaluation {threads.describe()}")
     model = from_pretrained(results["stage2"].model_path)
     prompts = {m: out / "data" / path for m, path in manifest["prompts"].items()}
     prompts.update(extra_prompt_lists(out))

@@ -31,9 +31,10 @@ MICRO_MODEL = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setenv("PEACE_THREADS", "1")  # what the trainer applies
     yield
     torch.set_num_threads(threads)
 

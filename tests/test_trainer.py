@@ -76,10 +76,11 @@ MICRO_DECODER = {"dim": 32, "heads": 2, "ffn_dim": 64, "depth": 1, "max_position
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # Tiny tensors: several threads only fight over a shared CPU (orders of magnitude slower).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setenv("PEACE_THREADS", "1")  # what the trainer applies
     yield
     torch.set_num_threads(threads)
 

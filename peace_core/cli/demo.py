@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from peace_core.cli.threads import add_threads_option, check_threads
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -25,6 +27,7 @@ def add_parser(subparsers: Any) -> None:
         "--quick", action="store_true", help="reduced sizes (CI): a few minutes, still learns"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from peace_core.demo import run_demo, summary_rows
+    from peace_core.demo import FULL_PLAN, QUICK_PLAN, run_demo, summary_rows
     from peace_core.evaluation.report import print_metrics
 
     console = Console()
@@ -40,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     def echo(message: str) -> None:  # plain text: "[demo]" is not rich markup
         console.print(message, markup=False, highlight=False)
 
-    result = run_demo(args.out, quick=args.quick, progress=not args.no_progress, echo=echo)
+    check_threads(args)
+    plan = (QUICK_PLAN if args.quick else FULL_PLAN).model_copy(update={"threads": args.threads})
+    result = run_demo(args.out, plan=plan, progress=not args.no_progress, echo=echo)
     print_metrics(result.metrics, console)
     table = Table(title=f"peace demo ({result.plan.name}): results next to chance")
     for name, justify in (("metric", "left"), ("result", "right"), ("chance", "right")):

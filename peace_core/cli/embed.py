@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from peace_core.cli.threads import add_threads_option, check_threads, use_threads
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -27,6 +29,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    add_threads_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -55,10 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from peace_core.config import ANCHOR_MODALITY
     from peace_core.factory import from_pretrained
 
+    check_threads(args)
     if not (args.inputs or args.text or args.shards):
         raise ValueError("nothing to embed: give files, --text strings or --shards")
     if args.shards and not args.modality:
         raise ValueError("--shards needs --modality (e.g. --modality vision text)")
+    use_threads(args)
     model = from_pretrained(args.checkpoint, device=args.device)
     extensions = {m: tuple(model.spec(m).file_extensions) for m in model.modalities}
     args.out.mkdir(parents=True, exist_ok=True)

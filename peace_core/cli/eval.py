@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peace_core.cli.threads import add_threads_option, check_threads, use_threads
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -45,6 +47,7 @@ def add_parser(subparsers: Any) -> None:
         help="training metrics.jsonl files to plot as loss curves (OUT/loss_curves.png)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -74,6 +77,7 @@ def _metrics_logs(values: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_threads(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts = parse_assignments(args.prompts, "--prompts")
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from peace_core.factory import from_pretrained
 
     start = time.perf_counter()
+    use_threads(args)
     model = from_pretrained(args.checkpoint, device=args.device)
     result = evaluate(
         model, args.shards, prompts, batch_size=args.batch_size, progress=not args.quiet

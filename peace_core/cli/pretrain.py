@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from peace_core.cli.threads import add_threads_option, check_threads
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -44,6 +46,7 @@ def add_parser(subparsers: Any) -> None:
         help="stop at optimizer step N (the schedule is unchanged); resume later to go on",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_threads_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -53,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_steps is not None and args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
-    config = load_pretrain_config(args.config, args.overrides)
+    check_threads(args)
+    overrides = list(args.overrides)
+    if args.threads is not None:  # the same as --set threads=N
+        overrides.append(f"threads={args.threads}")
+    config = load_pretrain_config(args.config, overrides)
     pretrain(
         config,
         resume=args.resume,

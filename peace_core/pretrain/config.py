@@ -108,6 +108,12 @@ class PretrainConfig(StrictModel):
     tensorboard: bool = Field(True, description="also write TensorBoard event files")
     seed: int = Field(3407, ge=0)
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda:1'...")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads per process; None: this rank's share of the CPUs "
+        "less its data workers (peace_core.threads)",
+    )
     find_unused_parameters: bool | None = Field(
         None,
         description="DDP: allow parameters without a gradient in a step (batches of different "

@@ -59,6 +59,7 @@ from peace_core.pretrain.runtime import (
     seed_everything,
     start_run,
 )
+from peace_core.threads import ThreadPlan, apply_threads, plan_threads
 from peace_registry import Registry, get_registry
 from peace_registry.errors import PeaceError
 
@@ -75,6 +76,7 @@ class TrainingParts:
     checkpoints save and restore its stateful pieces)."""
 
     context: RunContext
+    threads: ThreadPlan
     precision: Precision
     objective: PretrainObjective
     #: The objective, or its DistributedDataParallel wrapper: what a step calls.
@@ -189,6 +191,8 @@ class Trainer:
         config = self.config
         context = start_run(config.device)
         self.artefacts.attach(context)
+        threads = plan_threads(data_workers=config.data.workers, threads=config.threads)
+        apply_threads(threads)
         device = context.device
         precision = resolve_precision(config.precision, device)
 
@@ -208,11 +212,12 @@ class Trainer:
         objective.to(device).train()
 
         optimizer = build_optimizer(objective, config.optim)
-        loader = self._build_loader(model, context)
+        loader = self._build_loader(model, context, threads.data_workers)
         schedule = config.schedule.resolve(self._steps_per_epoch(loader))
         masks_seed = derive_seed(config.seed, context.rank, "masks")
         parts = TrainingParts(
             context=context,
+            threads=threads,
             precision=precision,
             objective=objective,
             wrapped=objective,
@@ -238,12 +243,12 @@ class Trainer:
                 f"{list(model.modalities)}; add them to model.modalities"
             )
 
-    def _build_loader(self, model: PeaceModel, context: RunContext) -> WebDataLoader:
+    def _build_loader(self, model: PeaceModel, context: RunContext, workers: int) -> WebDataLoader:
         modalities = self.config.data.modalities
         preprocessors = {m: model.preprocessor(m) for m in modalities}
         extensions = {m: tuple(model.spec(m).file_extensions) for m in modalities}
         return WebDataLoader(
-            self.config.data,
+            self.config.data.model_copy(update={"workers": workers}),
             preprocessors,
             extensions,
             train=True,
@@ -281,6 +286,7 @@ class Trainer:
         lines = [
             f"model {model.config.name!r} ({', '.join(model.modalities)}) on {parts.device}, "
             f"precision {parts.precision.name}, world size {parts.context.world_size}",
+            parts.threads.describe(),
             parts.freeze_report.describe(),
             f"schedule: {schedule.total_steps} steps, warmup {schedule.warmup_steps}, "
             f"lr {self.config.optim.lr:g} -> {schedule.min_lr:g} ({schedule.kind})",
