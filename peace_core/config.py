@@ -42,7 +42,21 @@ class EncoderConfig(StrictModel):
     attention: AttentionBackendName = Field(
         "auto", description="attention backend; the PEACE_ATTENTION env variable overrides it"
     )
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = Field(
+        False,
+        description=(
+            "recompute each fusion block in the backward instead of keeping its activations: "
+            "training memory of the encoder drops to one block's, for about one more forward"
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "compile each fusion block with torch.compile (Inductor) when the model is built; "
+            "the first batches of each new shape pay the compile time. Outputs are unchanged "
+            "within 1e-5"
+        ),
+    )
     init: InitSchemeName = Field(
         "scratch",
         description=(

@@ -169,7 +169,10 @@ class FusionEncoder(nn.Module):
             check_modality_name(name)
         self.config = config
         factory = {"device": device, "dtype": dtype}
-        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist()
+        # Plain floats, not torch.linspace: under ``with torch.device("meta")`` a tensor has no
+        # values to read back.
+        steps = max(config.depth - 1, 1)
+        rates = [config.drop_path * layer / steps for layer in range(config.depth)]
         self.blocks = nn.ModuleList(
             FusionBlock(
                 config.dim,
@@ -190,6 +193,9 @@ class FusionEncoder(nn.Module):
             }
         )
         init_fusion_weights(self, config.init)
+        if config.compile:
+            for block in self.blocks:
+                block.compile()  # in place: parameter names and checkpoints stay the same
 
     @property
     def modalities(self) -> tuple[str, ...]:

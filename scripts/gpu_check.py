@@ -1,7 +1,10 @@
 """GPU acceptance check for the attention backends and the fusion encoder.
 
-Run on a CUDA machine:  python scripts/gpu_check.py
+Run on a CUDA machine:  python scripts/gpu_check.py [--sizes small,base] [--no-workloads]
 Prints one PASS/FAIL line per check and exits non-zero if any check fails (2 when there is no GPU).
+Then times the six standard workloads of ``benchmarks/workloads.py`` in bf16 under ``xformers``
+and ``sdpa`` (time, peak memory, MFU against the measured bf16 matmul), within a time budget
+(``--budget-s``, default 420 s: the whole script stays under 8 minutes).
 
 Checks, in fp32 and bf16:
 * ``attend``: xformers and sdpa against the fp32 ``math`` reference, forward and backward
@@ -17,9 +20,13 @@ bf16 its error against the fp32 reference may be at most twice that of the bf16 
 
 from __future__ import annotations
 
+import argparse
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -180,7 +187,41 @@ def auto_picks_xformers() -> str:
     return "auto -> xformers"
 
 
+WORKLOADS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "workloads.py"
+
+
+def time_workloads(backends: list[str], sizes: str, budget_s: float) -> None:
+    """The standard workloads per backend, each a fresh process, stopping at the time budget."""
+    deadline = time.monotonic() + budget_s
+    for backend in backends:
+        left = deadline - time.monotonic()
+        if left < 30:
+            print(f"SKIP workloads {backend}: time budget spent")
+            continue
+        command = [
+            sys.executable,
+            str(WORKLOADS_SCRIPT),
+            "--device=cuda",
+            "--dtype=bf16",
+            f"--attention={backend}",
+            f"--sizes={sizes}",
+            "--repeats=5",
+            "--warmup=2",
+        ]
+        print(f"workloads, bf16, {backend}: {' '.join(command[1:])}", flush=True)
+        try:
+            subprocess.run(command, check=True, timeout=left)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            failures.append(f"workloads {backend}")
+            print(f"FAIL workloads {backend}: {error}")
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description="GPU acceptance check and bf16 workload timings")
+    parser.add_argument("--sizes", default="small,base", help="presets the workloads run at")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="time for the workloads")
+    parser.add_argument("--no-workloads", action="store_true", help="only the parity checks")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("FAIL no CUDA device: this script checks the GPU backends")
         return 2
@@ -209,6 +250,8 @@ def main() -> int:
                 f"training steps {backend} {label}",
                 lambda b=backend, d=dtype: training_steps(b, d),
             )
+    if not args.no_workloads:
+        time_workloads(backends, args.sizes, args.budget_s)
     print(f"{'FAILED: ' + ', '.join(failures) if failures else 'ALL PASSED'}")
     return 1 if failures else 0
 

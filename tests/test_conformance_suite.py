@@ -19,6 +19,7 @@ from peace_registry.conformance import (
     ModalityConformance,
     check_adapter_forward,
     check_adapter_keep,
+    check_adapter_precompute,
     check_backward,
     check_masker_joint,
     check_masker_single,
@@ -45,7 +46,10 @@ class TestToyConformance(ModalityConformance):
 def test_run_checks_passes_the_toy_and_skips_a_missing_ffn() -> None:
     results = run_checks(Registry.from_plugins({"toy": ToyPlugin(ffn=False)}), "toy")
     assert [r.name for r in results] == list(CHECKS)
-    assert {r.name: r.status for r in results if r.status != "passed"} == {"ffn": "skipped"}
+    assert {r.name: r.status for r in results if r.status != "passed"} == {
+        "ffn": "skipped",
+        "adapter_precompute": "skipped",
+    }
 
 
 def test_run_checks_reports_a_missing_modality_instead_of_raising() -> None:
@@ -126,6 +130,19 @@ class UnseededInit(ToyAdapter):
         return out
 
 
+class StalePrecompute(ToyAdapter):
+    """Its precompute leaves a value that forward then reads in place of the real features."""
+
+    def precompute(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**batch, "scaled": torch.tensor(2.0)}
+
+    def forward(self, batch: Mapping[str, torch.Tensor], keep: Any = None) -> AdapterOutput:
+        out = super().forward(batch, keep)
+        if "scaled" in batch:
+            out.tokens = out.tokens * batch["scaled"]
+        return out
+
+
 class HidesCls(ToyMasker):
     def __call__(self, batch: Any, padding_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         mask = super().__call__(batch, padding_mask, **kwargs)
@@ -187,6 +204,11 @@ BROKEN: dict[str, tuple[dict[str, Any], Callable[[ConformanceSubject], Any], str
         "expected num_bias_tables=2",
     ),
     "index-out-of-range": ({"adapter": IndexOutOfRange}, check_adapter_forward, "table has"),
+    "precompute-changes-output": (
+        {"adapter": StalePrecompute},
+        check_adapter_precompute,
+        "forward(precompute(batch)) differs",
+    ),
     "meta-ignored": ({"adapter": IgnoresDevice}, check_meta_device, "has real tensors"),
     "state-not-restored": ({"adapter": UnseededInit}, check_state_dict_roundtrip, "differs"),
     "masks-cls": ({"masker": masker(HidesCls)}, check_masker_single, "hides the CLS token"),

@@ -676,3 +676,34 @@ def test_get_preset_is_a_copy_and_unknown_names_suggest() -> None:
         get_preset("tiyn")
     with pytest.raises(KeyError, match="available presets"):
         describe("huge")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_outputs_and_gradients() -> None:
+    eager = make_encoder(depth=2)
+    compiled = make_encoder(depth=2, compile=True)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # names unchanged
+    compiled.load_state_dict(eager.state_dict())
+    tables = random_tables(2)
+    for padded in (0, 2):  # the second shape recompiles
+        segs = [
+            segment("text", 5, padded=padded, tables=tables[:1], requires_grad=True),
+            segment("vision", 9, seed=1, tables=tables[1:]),
+        ]
+        results = []
+        for encoder in (eager, compiled):
+            out = torch.cat(encoder(segs).hidden, dim=1)
+            grads = torch.autograd.grad(out.square().sum(), [segs[0].tokens, *encoder.parameters()])
+            results.append((out, grads))
+        (out_eager, grads_eager), (out_compiled, grads_compiled) = results
+        assert_close_to_scale(out_compiled, out_eager, 1e-5, "hidden")
+        for got, want in zip(grads_compiled, grads_eager):
+            assert_close_to_scale(got, want, 1e-5, "gradient")
+
+
+def test_meta_device_context_builds_an_encoder_without_values() -> None:
+    with torch.device("meta"):
+        config = EncoderConfig(dim=DIM, depth=3, heads=HEADS, ffn_dim=FFN, drop_path=0.2)
+        encoder = FusionEncoder(config, {"text": lambda: GeGLUFFN(DIM, FFN)})
+    assert all(p.is_meta for p in encoder.parameters())
+    assert [block.drop_path.p for block in encoder.blocks] == pytest.approx([0.0, 0.1, 0.2])

@@ -573,3 +573,33 @@ def test_anchored_batch_of_three_aligns_each_with_the_anchor_and_fuses_all():
     assert plan.pairs == [("text", "vision"), ("text", "audio")]
     _, metrics = objective(batch, torch.Generator().manual_seed(0))
     assert {"align:text-vision", "align:text-audio", "dcl:joint:audio"} <= set(metrics)
+
+
+def test_adapter_precompute_runs_the_shared_work_once_and_changes_nothing(monkeypatch):
+    objective = PretrainObjective(tiny_model("text", "audio")).train()
+    adapter = objective.model.adapters["audio"]
+    assert callable(getattr(adapter, "precompute", None))
+    batch = {"text": text_batch(3), "audio": audio_batch(3)}
+    calls = []
+    adapter.feature_extractor.register_forward_hook(lambda *_: calls.append(1))
+
+    def loss_and_grads():
+        calls.clear()
+        objective.zero_grad(set_to_none=True)
+        loss, _ = objective(batch, torch.Generator().manual_seed(3))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, len(calls)
+
+    shared_loss, shared_grads, shared_calls = loss_and_grads()
+    monkeypatch.setattr(type(adapter), "precompute", None)  # as an adapter without the hook
+    loss, grads, calls_per_view = loss_and_grads()
+
+    assert shared_calls == 1
+    assert calls_per_view == 4  # unmasked, joint, masked single and masked joint views
+    torch.testing.assert_close(shared_loss, loss, atol=1e-6, rtol=1e-6)
+    assert shared_grads.keys() == grads.keys()
+    extractor = [n for n in grads if ".feature_extractor." in n]
+    assert extractor and all(grads[n].abs().sum() > 0 for n in extractor)
+    for name, grad in grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -36,6 +36,7 @@ from peace_core.losses import AligningContrast, DenoisingContrast, embedding_spr
 from peace_core.model import ModalityOutput, PeaceModel
 from peace_core.pretrain.decoder import DecoderConfig, DecoderView, PretrainDecoder
 from peace_registry import Masker, check_modality_name
+from peace_registry.contract import precompute_views
 
 #: ``"<modality>"`` or ``"joint:<modality>"``.
 VIEW_NAME_PATTERN = re.compile(r"^(joint:)?[a-z][a-z0-9_]*$")
@@ -364,6 +365,8 @@ class PretrainObjective(nn.Module):
             )
         plan = self.plan(batch)
         weights = self.weights
+        # Adapter work that every view of a batch shares is done once (API 1.4 ``precompute``).
+        batch = {m: precompute_views(self.model.adapters[m], batch[m]) for m in batch}
 
         # 1. Unmasked single passes: embeddings (with gradient, when aligning) and targets.
         single: dict[str, ModalityOutput] = {}

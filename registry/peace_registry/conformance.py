@@ -236,6 +236,31 @@ def check_adapter_forward(subject: ConformanceSubject, *, num_bias_tables: int =
         _check_rel_pos(out.rel_pos, adapter, size=size, length=length, tables=num_bias_tables)
 
 
+def check_adapter_precompute(subject: ConformanceSubject) -> bool:
+    """An adapter's optional ``precompute`` (API 1.4) changes nothing: ``forward`` of its result
+    equals ``forward`` of the batch, with and without ``keep``. False when there is none."""
+    adapter, full = subject.reference()
+    if getattr(adapter, "precompute", None) is None:
+        return False
+    keep = _random_keep(full.padding_mask, _generator(subject.seed))
+    with torch.no_grad():
+        prepared = adapter.precompute(subject.batch())
+        for kwargs in ({}, {"keep": keep}):
+            direct = subject.encode(adapter, **kwargs)
+            shared = adapter(prepared, **kwargs)
+            assert isinstance(shared, AdapterOutput), (
+                f"forward of precompute()'s batch returned {type(shared).__name__}"
+            )
+            where = "with keep" if kwargs else "without keep"
+            assert torch.allclose(shared.tokens, direct.tokens, atol=1e-6, rtol=1e-5), (
+                f"{where}, forward(precompute(batch)) differs from forward(batch)"
+            )
+            assert torch.equal(shared.padding_mask, direct.padding_mask), (
+                f"{where}, precompute changes the padding mask"
+            )
+    return True
+
+
 def _random_keep(padding: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per sample: CLS plus a random subset of its valid positions (sample 0: CLS only, so that
     some rows are padded), sorted, padded with -1 to the longest."""
@@ -408,7 +433,8 @@ def check_backward(subject: ConformanceSubject, *, num_bias_tables: int = 1) -> 
     assert not missing, f"adapter parameters get no gradient: {missing}"
 
 
-#: Every check by name, in order. ``check_ffn`` returns False when there is nothing to check.
+#: Every check by name, in order. ``check_ffn`` and ``check_adapter_precompute`` return False
+#: when there is nothing to check.
 CHECKS: dict[str, Callable[[ConformanceSubject], object]] = {
     "modality_spec": check_modality_spec,
     "preprocessor": check_preprocessor,
@@ -416,6 +442,7 @@ CHECKS: dict[str, Callable[[ConformanceSubject], object]] = {
     "adapter_forward_shared_table": partial(check_adapter_forward, num_bias_tables=1),
     "adapter_forward_per_layer_tables": partial(check_adapter_forward, num_bias_tables=TINY_DEPTH),
     "adapter_keep": check_adapter_keep,
+    "adapter_precompute": check_adapter_precompute,
     "masker_single_view": check_masker_single,
     "masker_joint_view": check_masker_joint,
     "ffn": check_ffn,
@@ -450,7 +477,7 @@ def run_checks(
             continue
         skipped = outcome is False
         results.append(
-            CheckResult(name, "skipped" if skipped else "passed", "nothing registered" * skipped)
+            CheckResult(name, "skipped" if skipped else "passed", "nothing to check" * skipped)
         )
     return results
 
@@ -509,6 +536,12 @@ class ModalityConformance:
 
     def test_adapter_keep(self) -> None:
         check_adapter_keep(self.subject())
+
+    def test_adapter_precompute(self) -> None:
+        if not check_adapter_precompute(self.subject()):
+            import pytest
+
+            pytest.skip(f"{self.modality}'s adapter has no precompute (optional, API 1.4)")
 
     def test_masker_single_view(self) -> None:
         check_masker_single(self.subject())

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import nn
 
-PLUGIN_API_VERSION = "1.3"
+PLUGIN_API_VERSION = "1.4"
 
 #: Modality names become checkpoint keys and ``nn.ModuleDict`` keys.
 MODALITY_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -286,11 +286,25 @@ class Adapter(Protocol):
     positions to encode (the denoising student sees kept units only): embeddings, absolute
     positions and relative-position indices are gathered at those positions, so relative distances
     stay those of the original sequence. Position 0 is the CLS token.
+
+    Optional (API 1.4), ``precompute(batch) -> batch``: the part of ``forward`` that does not
+    depend on ``keep`` (a convolutional feature extractor, say), done once. Pretraining encodes
+    each batch several times (unmasked, masked and joint views); when the adapter has
+    ``precompute``, the objective calls it once per step and hands its result to every view's
+    ``forward`` in place of the batch, so that work and its saved activations happen once. The
+    result is the batch plus the adapter's own extra keys, and ``forward`` of it must equal
+    ``forward`` of the batch (the conformance suite checks both, with and without ``keep``).
     """
 
     def __call__(
         self, batch: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None
     ) -> AdapterOutput: ...
+
+
+def precompute_views(adapter: object, batch: Mapping[str, torch.Tensor]) -> Mapping[str, Any]:
+    """``adapter.precompute(batch)`` when the adapter defines it (API 1.4), else ``batch``."""
+    precompute = getattr(adapter, "precompute", None)
+    return batch if precompute is None else precompute(batch)
 
 
 @runtime_checkable

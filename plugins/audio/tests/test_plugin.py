@@ -23,7 +23,7 @@ def test_entry_module_imports_no_heavy_library():
         "import sys, peace_audio.plugin\n"
         "heavy = [m for m in ('torch', 'torchaudio', 'soundfile', 'numpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "assert peace_audio.plugin.PEACE_PLUGIN_API == '1.2'\n"
+        "assert peace_audio.plugin.PEACE_PLUGIN_API == '1.4'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -45,6 +45,14 @@ class AudioOptions(BaseModel):
             "clip gives the same output batched or alone and padding gets no gradient"
         ),
     )
+    grad_checkpointing: bool = Field(
+        False,
+        description=(
+            "recompute each feature-extractor layer in the backward instead of keeping its "
+            "activations: less training memory (most of the audio adapter's) for about one more "
+            "extractor forward. Independent of encoder.grad_checkpointing (the fusion blocks)"
+        ),
+    )
     bucket_size: int = Field(512, ge=2, description="1-D relative-position bucket size")
     max_duration: float = Field(
         15.0, gt=0, description="seconds kept from the start of a clip; the rest is cropped"

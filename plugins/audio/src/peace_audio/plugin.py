@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from peace_audio.masking import AudioBlockMasker
     from peace_audio.preprocess import AudioPreprocessor
 
-PEACE_PLUGIN_API = "1.2"
+PEACE_PLUGIN_API = "1.4"
 
 #: The tiny preset (CPU tests, the demo, CPU recipes): 8 kHz audio (speech and most sounds stay
 #: recognisable below 4 kHz, at half the cost of 16 kHz) through a light 32-channel extractor
