@@ -44,8 +44,10 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/peace demo --out demo-out
 
+# The six standard workloads at the small and base sizes, each in a fresh process (about 15 min
+# on 2 CPU cores); benchmarks/workloads.py --help for sizes, devices, dtypes and options.
 bench: setup
-	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/workloads.py
 
 clean:
 	rm -rf .venv dist build .pytest_cache .ruff_cache

@@ -10,6 +10,12 @@ EOS included), 256-px images (256 patches + CLS), 5 s clips at 16 kHz through th
     python benchmarks/workloads.py                              # small and base, all six, CPU fp32
     python benchmarks/workloads.py --sizes base --workloads image_text_step --checkpointing blocks
     python benchmarks/workloads.py --device cuda --dtype bf16 --attention xformers
+    python benchmarks/workloads.py --json ours.jsonl                 # keep every result
+    python benchmarks/workloads.py --compare baseline.jsonl ours.jsonl   # ratios, per workload
+
+``--compare`` reads two result files of the same schema (another implementation's harness can
+write it: ``size``, ``workload``, ``median_s``, ``peak_mem_mb`` per line) and prints the speed
+ratio (baseline time / ours: above 1 means faster) and the memory ratio (ours / baseline).
 
 Each (size, workload) runs in a fresh Python process, so one workload's allocator state, caches
 and peak memory never leak into the next. The parent first measures the device's matmul
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -45,7 +52,6 @@ DTYPES = ("fp32", "bf16", "fp16")
 TEXT_TOKENS = 70  # ids per caption, EOS included (the official maximum)
 IMAGE_SIZE = 256
 AUDIO_SECONDS = 5.0
-SAMPLE_RATE = 16_000
 
 
 @dataclass
@@ -99,11 +105,14 @@ def _inputs(model: Any, batch: int, device: Any) -> dict[str, dict[str, Any]]:
     vocab = model.adapters["text"].vocab_size
     tokens = torch.randint(4, vocab, (batch, TEXT_TOKENS), generator=gen)
     tokens[:, -1] = 2  # EOS
-    samples = int(AUDIO_SECONDS * SAMPLE_RATE)
+    # The standard shapes, or the largest a smaller preset (tiny) accepts.
+    image = min(IMAGE_SIZE, model.options["vision"].image_size)
+    audio = model.options["audio"]
+    samples = int(min(AUDIO_SECONDS, audio.max_duration) * audio.sample_rate)
     inputs = {
         # Words of one to three tokens, as whole-word masking reads them.
         "text": {"tokens": tokens, "word_start": torch.rand(tokens.shape, generator=gen) < 0.6},
-        "vision": {"pixels": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)},
+        "vision": {"pixels": torch.randn(batch, 3, image, image, generator=gen)},
         "audio": {
             "waveform": torch.randn(batch, samples, generator=gen),
             "lengths": torch.full((batch,), samples, dtype=torch.long),
@@ -280,6 +289,32 @@ def print_table(results: list[dict[str, Any]], peak_flops: float) -> None:
         )
 
 
+def _read_results(path: str) -> dict[tuple[str, str], dict[str, Any]]:
+    with open(path) as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    return {(row["size"], row["workload"]): row for row in rows}
+
+
+def print_comparison(baseline_path: str, ours_path: str) -> None:
+    """Speed and memory ratios of ``ours`` against ``baseline`` for every workload in both."""
+    baseline, ours = _read_results(baseline_path), _read_results(ours_path)
+    shared = [key for key in ours if key in baseline]
+    if not shared:
+        raise SystemExit(f"{baseline_path} and {ours_path} have no (size, workload) in common")
+    print(
+        "| size | workload | baseline s | ours s | speed (baseline / ours) | baseline MiB | "
+        "ours MiB | memory (ours / baseline) |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for key in shared:
+        theirs, mine = baseline[key], ours[key]
+        memory = mine["peak_mem_mb"] / theirs["peak_mem_mb"] if theirs["peak_mem_mb"] else math.nan
+        print(
+            f"| {key[0]} | {key[1]} | {theirs['median_s']:.3f} | {mine['median_s']:.3f} | "
+            f"{theirs['median_s'] / mine['median_s']:.2f}× | {theirs['peak_mem_mb']:.0f} | "
+            f"{mine['peak_mem_mb']:.0f} | {memory:.2f} |"
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="small,base", help="comma-separated presets")
@@ -301,6 +336,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the fusion encoder")
     parser.add_argument("--json", default=None, help="also write every result (JSON lines) here")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BASELINE", "OURS"),
+        help="print speed and memory ratios of two --json result files, then exit",
+    )
     # Internal: run one workload in this process and print its JSON line.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -326,6 +367,9 @@ def _settings(args: argparse.Namespace, size: str, workload: str) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.compare:
+        print_comparison(*args.compare)
+        return
     if args.child:
         print(json.dumps(run_child(_settings(args, args.size, args.workload))))
         return

@@ -29,6 +29,7 @@ def _preset(
     layer_scale_init: float,
     drop_path: float,
     init: str = "scratch",
+    grad_checkpointing: bool = False,
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -41,6 +42,7 @@ def _preset(
             "drop_path": drop_path,
             "rel_pos_tables": "shared",
             "init": init,
+            "grad_checkpointing": grad_checkpointing,
         },
     }
 
@@ -73,7 +75,14 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         "base", dim=768, depth=12, heads=12, ffn_dim=3072, layer_scale_init=0.1, drop_path=0.1
     ),
     "large": _preset(
-        "large", dim=1024, depth=24, heads=16, ffn_dim=4096, layer_scale_init=1e-5, drop_path=0.2
+        "large",
+        dim=1024,
+        depth=24,
+        heads=16,
+        ffn_dim=4096,
+        layer_scale_init=1e-5,
+        drop_path=0.2,
+        grad_checkpointing=True,  # training activations, not weights, limit the batch from here
     ),
     "one-peace-4b": _preset(
         "one-peace-4b",
@@ -84,6 +93,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         layer_scale_init=1e-6,
         drop_path=0.4,
         init="official",
+        grad_checkpointing=True,
     ),
 }
 

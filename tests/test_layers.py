@@ -116,3 +116,23 @@ def test_init_fusion_weights_official() -> None:
         assert torch.equal(ln.weight, torch.ones_like(ln.weight))
         assert torch.equal(ln.bias, torch.zeros_like(ln.bias))
     assert torch.equal(scale.gamma.data, torch.full((64,), 1e-3))
+
+
+def test_geglu_recomputed_inner_part_gives_the_plain_gradients() -> None:
+    torch.manual_seed(0)
+    ffn = GeGLUFFN(16, 48)
+    torch.nn.init.normal_(ffn.norm.weight, 1.0, 0.3)
+    torch.nn.init.normal_(ffn.norm.bias, 0.0, 0.3)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    weights = torch.randn(3, 5, 16)
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return ffn.wo(ffn.norm(F.gelu(ffn.wi_0(x)) * ffn.wi_1(x)))
+
+    inputs = [x, *ffn.parameters()]
+    got = torch.autograd.grad((ffn(x) * weights).sum(), inputs)
+    want = torch.autograd.grad((plain(x) * weights).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), plain(x), atol=0, rtol=0)

@@ -93,7 +93,12 @@ def peace_register_modalities(register: Register) -> None:
             options=AudioOptions,
             # The official 512-channel extractor is slow to run on a CPU for every check.
             check_options={"feature_layers": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2},
-            preset_options={"tiny": TINY_OPTIONS},
+            # The large presets trade an extractor recompute for its activations (training only).
+            preset_options={
+                "tiny": TINY_OPTIONS,
+                "large": {"grad_checkpointing": True},
+                "one-peace-4b": {"grad_checkpointing": True},
+            },
             # The official checkpoint's "audio" adapter: its keys and options (peace convert).
             foreign_adapters={
                 "one-peace": ForeignAdapter(
