@@ -136,3 +136,19 @@ def test_geglu_recomputed_inner_part_gives_the_plain_gradients() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(ffn(x), plain(x), atol=0, rtol=0)
+
+
+def test_geglu_backward_recomputes_under_the_forwards_autocast() -> None:
+    torch.manual_seed(1)
+    ffn = GeGLUFFN(16, 48)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    inputs = [x, *ffn.parameters()]
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ffn(x) if fused else ffn.wo(ffn.norm(F.gelu(ffn.wi_0(x)) * ffn.wi_1(x)))
+        assert out.dtype == torch.bfloat16
+        results.append(torch.autograd.grad(out.float().square().sum(), inputs))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
