@@ -121,6 +121,13 @@ def _inputs(model: Any, batch: int, device: Any) -> dict[str, dict[str, Any]]:
     return {m: {k: v.to(device) for k, v in parts.items()} for m, parts in inputs.items()}
 
 
+def _torch_dtype(name: str) -> Any:
+    """The torch dtype of one of ``DTYPES``."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def _build(settings: Settings) -> tuple[Any, Callable[[], None], int]:
     """The model, a zero-argument closure running the workload once, and the parameter count."""
     import torch
@@ -140,7 +147,7 @@ def _build(settings: Settings) -> tuple[Any, Callable[[], None], int]:
     modalities = ["text", "vision", "audio"]
     model = create_model(settings.size, modalities, options=options, device=device, **encoder)
     batch = _inputs(model, settings.batch, device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
+    dtype = _torch_dtype(settings.dtype)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=dtype, enabled=settings.dtype != "fp32")
@@ -249,7 +256,7 @@ def matmul_throughput(device: str, dtype: str, threads: int, size: int = 2048) -
     import torch
 
     torch.set_num_threads(threads)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = _torch_dtype(dtype)
     a = torch.randn(size, size, device=device, dtype=torch_dtype)
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     best = float("inf")

@@ -25,8 +25,8 @@ def check_threads(args: argparse.Namespace) -> None:
 
 
 def use_threads(args: argparse.Namespace, echo: Callable[[str], None] = print) -> ThreadPlan:
-    """Plan and apply the threads of a command that reads its data in its own process."""
-    check_threads(args)
+    """Plan and apply the threads of a command that reads its data in its own process (after
+    ``check_threads``, which the command calls before any work)."""
     plan = plan_threads(threads=args.threads)
     apply_threads(plan)
     echo(plan.describe())
