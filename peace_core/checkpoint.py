@@ -70,8 +70,16 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint file into plain containers and CPU tensors, safely."""
+    """Load a checkpoint file into plain containers and CPU tensors, safely.
+
+    A sharded training checkpoint (a directory, :mod:`peace_core.sharded_checkpoint`) is read
+    consolidated: its model weights as ``state_dict`` and the decoder's as ``decoder``."""
     path = Path(path)
+    if path.is_dir():
+        from peace_core.sharded_checkpoint import is_sharded_checkpoint, read_consolidated
+
+        if is_sharded_checkpoint(path):
+            return read_consolidated(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":

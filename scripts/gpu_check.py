@@ -11,7 +11,10 @@ Checks, in fp32 and bf16:
   (q, k, v and the bias gradient), with padded (-inf) keys and a length that is not a multiple of 8;
 * a FusionEncoder forward+backward (rel-pos table gradient included) per backend vs ``math``;
 * ``auto`` resolves to xformers on CUDA when xformers is installed;
-* a few training steps of a small encoder per backend under autocast, with the loss going down.
+* a few training steps of a small encoder per backend under autocast, with the loss going down;
+* pretraining steps of the ``small`` preset (vision + text, the full objective, bf16) under each
+  ``distributed.strategy`` (ddp, fsdp, fsdp with CPU offload) in a process group of one: finite
+  losses, FSDP's within bf16 noise of DDP's, and each one's peak memory.
 
 Tolerances are relative to the largest reference value. In fp32 a backend must agree to 1e-4; in
 bf16 its error against the fp32 reference may be at most twice that of the bf16 ``math`` backend
@@ -181,6 +184,70 @@ def training_steps(backend: str, dtype: torch.dtype) -> str:
     return f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
+def _strategy_steps(strategy: str, cpu_offload: bool, steps: int = 3) -> tuple[list[float], int]:
+    from PIL import Image
+
+    from peace_core import create_model
+    from peace_core.pretrain.objective import ObjectiveConfig, PretrainObjective
+    from peace_core.pretrain.optim import OptimConfig, build_optimizer
+    from peace_core.pretrain.runtime import resolve_precision, start_run
+    from peace_core.pretrain.strategy import DistributedConfig, build_strategy
+
+    context = start_run("cuda", always_group=True)
+    precision = resolve_precision("bf16", DEVICE)
+    torch.manual_seed(0)
+    model = create_model("small", modalities=["vision", "text"])
+    objective = PretrainObjective(model, ObjectiveConfig()).to(DEVICE).train()
+    options = DistributedConfig(strategy=strategy, cpu_offload=cpu_offload)  # type: ignore[arg-type]
+    strategy_object = build_strategy(options, context, precision)
+    strategy_object.prepare(objective)
+    optimizer = build_optimizer(objective, OptimConfig())
+    wrapped = strategy_object.wrap(objective, find_unused_parameters=True)
+    generator = torch.Generator().manual_seed(1)
+    images = [
+        Image.fromarray(torch.randint(0, 255, (256, 256, 3), generator=generator).byte().numpy())
+        for _ in range(8)
+    ]
+    batch = model.preprocess(vision=images, text=["a photo of a small dog"] * 8)
+    batch = {m: {k: v.to(DEVICE) for k, v in tensors.items()} for m, tensors in batch.items()}
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = wrapped(batch, torch.Generator().manual_seed(2))
+        loss.backward()
+        strategy_object.finish_gradients(objective)
+        strategy_object.clip_grad_norm([p for p in objective.parameters() if p.requires_grad], 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    peak = torch.cuda.max_memory_allocated(DEVICE)
+    del wrapped, objective, optimizer, model
+    torch.cuda.empty_cache()
+    return losses, peak
+
+
+def strategies_train() -> str:
+    results = {
+        label: _strategy_steps(strategy, offload)
+        for label, strategy, offload in (
+            ("ddp", "ddp", False),
+            ("fsdp", "fsdp", False),
+            ("fsdp+offload", "fsdp", True),
+        )
+    }
+    for label, (losses, _) in results.items():
+        assert all(torch.isfinite(torch.tensor(losses))), f"{label}: non-finite loss {losses}"
+    reference = results["ddp"][0]
+    for label in ("fsdp", "fsdp+offload"):
+        drift = max(abs(a - b) / abs(b) for a, b in zip(results[label][0], reference))
+        assert drift < 0.05, f"{label} losses {results[label][0]} vs ddp {reference}"
+    return ", ".join(
+        f"{label} loss {losses[-1]:.3f} peak {peak / 2**30:.2f} GiB"
+        for label, (losses, peak) in results.items()
+    )
+
+
 def auto_picks_xformers() -> str:
     chosen = resolve_backend("auto", DEVICE, torch.bfloat16)
     assert chosen == "xformers", f"auto resolved to {chosen!r}"
@@ -250,6 +317,7 @@ def main() -> int:
                 f"training steps {backend} {label}",
                 lambda b=backend, d=dtype: training_steps(b, d),
             )
+    check("pretraining steps per distributed strategy (small, bf16)", strategies_train)
     if not args.no_workloads:
         time_workloads(backends, args.sizes, args.budget_s)
     print(f"{'FAILED: ' + ', '.join(failures) if failures else 'ALL PASSED'}")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "workloads.py"
 
 
@@ -50,3 +52,29 @@ def test_comparison_gives_speed_and_memory_ratios(tmp_path: Path) -> None:
 
     table = run("--compare", str(write("base.jsonl", 3.0, 200)), str(write("ours.jsonl", 2.0, 50)))
     assert "| small | text_forward | 3.000 | 2.000 | 1.50× | 200 | 50 | 0.25 |" in table
+
+
+def test_memory_plan_counts_the_sharded_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    path = SCRIPT.with_name("memory_plan.py")
+    spec = importlib.util.spec_from_file_location("memory_plan", path)
+    assert spec is not None and spec.loader is not None
+    memory_plan = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "memory_plan", memory_plan)  # its dataclass looks itself up
+    spec.loader.exec_module(memory_plan)
+
+    sizes = memory_plan.sizes("tiny")
+    assert sizes.total > sizes.kept_gathered > 0 and sizes.largest_block > 0
+    gib = memory_plan.GIB
+    one = memory_plan.plan(memory_plan.Sizes(total=gib, largest_block=0, kept_gathered=0), 4)
+    assert one["ddp"] == (18.0, 0.0)  # 16 B of fp32 state + 2 B of bf16 copies per parameter
+    assert one["fsdp x4"] == (4.0, 0.0)  # the 16 B shared by 4 ranks
+    assert one["fsdp x4 + cpu_offload"] == (0.0, 4.0)
+    table = subprocess.run(
+        [sys.executable, str(path), "--presets=tiny", "--ranks=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "| `tiny` |" in table and "fsdp x2 + cpu_offload" in table

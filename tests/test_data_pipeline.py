@@ -379,6 +379,23 @@ def test_single_pass_training_epoch_covers_each_sample_once(synth_root: Path) ->
     assert data.epoch == 1
 
 
+def test_no_sample_is_seen_twice_in_an_epoch_across_two_ranks_and_two_workers(
+    synth_root: Path,
+) -> None:
+    config = DataConfig(
+        datasets=[image_dataset(synth_root), text_dataset(synth_root)],
+        batch_size=3,
+        shuffle_buffer=6,
+        workers=2,
+    )
+    seen = []
+    for rank in (0, 1):
+        data = loader(config, rank=rank, world_size=2)
+        seen += [key for batch in data for key in (m["key"] for m in batch["meta"])]
+        assert data.epoch == 1
+    assert len(seen) == 48 + 32 and len(set(seen)) == len(seen)
+
+
 # ---- resume ----------------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from peace_core.pretrain.run_state import (
     stats_to_plain,
 )
 from peace_core.pretrain.runtime import IsolatedRng, RunContext, resolve_precision
+from peace_core.pretrain.strategy import TrainingStrategy
 from peace_core.pretrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -747,8 +748,10 @@ def _parts(config: PretrainConfig, seed: int) -> Any:
     objective = PretrainObjective(build_model(config.model), config.objective)
     optimizer = build_optimizer(objective, config.optim)
     schedule = config.schedule.resolve(None)
+    context = RunContext(torch.device("cpu"))
     return SimpleNamespace(
-        context=RunContext(torch.device("cpu")),
+        context=context,
+        strategy=TrainingStrategy(context, resolve_precision("fp32", context.device)),
         objective=objective,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, config.optim.lr, schedule),
@@ -920,3 +923,110 @@ def test_ddp_on_two_cpu_ranks_trains_and_resumes_exactly(synth_root: Path, tmp_p
     assert len(losses) == 4 and losses == resumed
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["data"]["images"]["ok"] == 2 * 4 * 4  # both ranks' samples are counted
+
+
+# ---- FSDP under torchrun (CPU, gloo) -------------------------------------------------------
+
+
+def _single_process(config_path: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "peace_core.cli", "pretrain", str(config_path)]
+    done = subprocess.run(
+        [*command, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout + done.stderr
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_ranks_resumes_reshards_and_consolidates(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    import yaml
+
+    def config(name: str, **changes: Any) -> Path:
+        raw = stage1_config(
+            synth_root,
+            tmp_path / name,
+            schedule={"total_steps": 4, "warmup_steps": 2},
+            distributed={"strategy": "fsdp"},
+            checkpoint_every=2,
+        )
+        raw.update(changes)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    _torchrun(config("full"))
+    split = config("split")
+    _torchrun(split, "--max-steps", "2")
+    _torchrun(split)
+    _torchrun(config("recompute", grad_checkpointing=True))
+
+    full = tmp_path / "full"
+    assert len(_losses(full)) == 4 and _losses(split.with_suffix("")) == _losses(full)
+    assert _losses(tmp_path / "recompute") == pytest.approx(_losses(full), rel=1e-6)
+
+    # Every rank wrote its own shards; the plain part knows both ranks' data positions.
+    step4 = full / "checkpoints" / "step_00000004"
+    assert sorted(p.name for p in step4.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (full / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    consolidated = read_checkpoint(step4)
+    assert consolidated["world_size"] == 2 and consolidated["step"] == 4
+    assert "optimizer" not in consolidated and consolidated["decoder"]
+    # Consolidated shards == the full weights the run gathered from its live model.
+    final = read_checkpoint(full / "model.safetensors")["state_dict"]
+    assert consolidated["state_dict"].keys() == final.keys()
+    for key, value in final.items():
+        assert torch.equal(consolidated["state_dict"][key], value), key
+    assert peace_main(["convert", str(step4), str(tmp_path / "one-file.safetensors")]) == 0
+    model = from_pretrained(tmp_path / "one-file.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, final[key]), key
+    # A next stage starts from the sharded run directory as from any other.
+    from peace_core.pretrain.config import ModelSection
+
+    started = build_model(ModelSection(init_from=str(full)))
+    for key, value in started.state_dict().items():
+        assert torch.equal(value, final[key]), key
+
+    # Resume on one rank: sharded (a group of one) and plain, from the 2-rank checkpoint.
+    runs = {}
+    for strategy in ("fsdp", "ddp"):
+        import shutil
+
+        shutil.copytree(full, tmp_path / f"one-{strategy}")
+        path = config(
+            f"one-{strategy}",
+            schedule={"total_steps": 6, "warmup_steps": 2},
+            distributed={"strategy": strategy},
+        )
+        output = _single_process(path)
+        assert "written by 2 rank(s), this run has 1" in output
+        runs[strategy] = _losses(tmp_path / f"one-{strategy}")
+        assert len(runs[strategy]) == 6 and runs[strategy][:4] == _losses(full)
+    assert runs["fsdp"][4:] == pytest.approx(runs["ddp"][4:], rel=1e-6)
+    assert (tmp_path / "one-fsdp" / "checkpoints" / "step_00000006").is_dir()
+    assert (tmp_path / "one-ddp" / "checkpoints" / "step_00000006.pt").is_file()
+
+
+def test_a_sharded_run_does_not_resume_from_a_single_file(synth_root: Path, tmp_path: Path) -> None:
+    raw = stage1_config(synth_root, tmp_path / "run", schedule={"total_steps": 2})
+    trainer = Trainer(validated(raw), progress=False)
+    trainer.fit()
+    raw["distributed"] = {"strategy": "fsdp"}
+    raw["schedule"] = {"total_steps": 3}
+    with pytest.raises(CheckpointError, match=r"resume a sharded \(fsdp\) run from the single"):
+        Trainer(validated(raw), progress=False).fit()
+    assert not torch.distributed.is_initialized()  # the group of one it started is gone

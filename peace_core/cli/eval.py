@@ -85,8 +85,13 @@ def run(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--prompts {modality}={path}: no such file")
     logs = _metrics_logs(args.metrics_log)
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    from peace_core.sharded_checkpoint import is_sharded_checkpoint
+
+    if not (args.checkpoint.is_file() or is_sharded_checkpoint(args.checkpoint)):
+        raise FileNotFoundError(
+            f"checkpoint {args.checkpoint} does not exist (expected a file or a sharded "
+            "checkpoint directory)"
+        )
 
     from rich.console import Console
 

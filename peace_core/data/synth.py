@@ -19,6 +19,7 @@ cycle with the index, so every split is balanced.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -281,7 +282,10 @@ def synthesize(
     if jobs == 1:
         written = [_write_shards(root, config, split, kind) for split, kind in tasks]
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # Workers forked from a fresh server, not from this process: a fork copies any lock
+        # another thread holds at that moment (torch, gloo and image codecs keep threads).
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             futures = [pool.submit(_write_shards, root, config, s, k) for s, k in tasks]
             written = [future.result() for future in futures]
     datasets: dict[str, dict[str, Any]] = {}

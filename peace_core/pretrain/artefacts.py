@@ -12,14 +12,16 @@ and kept in the summary. Only rank 0 writes files and prints.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from peace_core.checkpoint import write_checkpoint
 from peace_core.config_io import save_config
 from peace_core.data.stats import DataStats
-from peace_core.factory import save_pretrained
 from peace_core.model import PeaceModel
 from peace_core.pretrain.collapse import CollapseGuard, patience_for
 from peace_core.pretrain.config import PretrainConfig
@@ -200,16 +202,20 @@ class RunArtefacts:
         result: TrainResult,
         *,
         model: PeaceModel,
+        model_state: Mapping[str, torch.Tensor],
         total_steps: int,
         seconds: float,
         samples: int,
         freeze: FreezeReport,
     ) -> TrainResult:
         """Rank 0: write the model, the plot and ``summary.json`` into ``result`` and say what
-        the run did. ``samples`` is this rank's count over ``seconds``."""
+        the run did. ``model_state`` is the model's full weights (gathered from the shards of an
+        FSDP run). ``samples`` is this rank's count over ``seconds``."""
         if not self.is_main:
             return result
-        model_path = save_pretrained(model, self.output_dir / MODEL_FILE)
+        model_path = write_checkpoint(
+            self.output_dir / MODEL_FILE, model.config.model_dump(mode="json"), dict(model_state)
+        )
         history = read_metrics(self.output_dir / METRICS_FILE)
         plot = plot_metrics(history, self.output_dir / PLOT_FILE, title=str(model.config.name))
         tail = result.losses[-max(1, self.config.log_every) :]

@@ -23,6 +23,7 @@ from peace_core.data.config import DataConfig
 from peace_core.pretrain.freeze import FreezeConfig
 from peace_core.pretrain.objective import ObjectiveConfig
 from peace_core.pretrain.optim import OptimConfig, ScheduleConfig
+from peace_core.pretrain.strategy import DistributedConfig
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -114,6 +115,10 @@ class PretrainConfig(StrictModel):
         description="torch intra-op threads per process; None: this rank's share of the CPUs "
         "less its data workers (peace_core.threads)",
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="how ranks share the work under torchrun: ddp replicas or fsdp shards",
+    )
     find_unused_parameters: bool | None = Field(
         None,
         description="DDP: allow parameters without a gradient in a step (batches of different "
@@ -136,6 +141,12 @@ class PretrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
+        if self.distributed.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError(
+                "distributed.strategy 'fsdp' does not support precision 'fp16'; use bf16 or fp32"
+            )
+        if self.distributed.cpu_offload and self.distributed.strategy != "fsdp":
+            raise ValueError("distributed.cpu_offload needs distributed.strategy 'fsdp'")
         if self.schedule.min_lr > self.optim.lr:
             raise ValueError(
                 f"schedule.min_lr ({self.schedule.min_lr}) is above optim.lr ({self.optim.lr})"

@@ -18,6 +18,7 @@ import copy
 import os
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,16 +26,31 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
-from peace_core.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from peace_core.checkpoint import (
+    NATIVE_FORMAT_VERSION,
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
 from peace_core.data.pipeline import WebDataLoader
 from peace_core.data.stats import DatasetCounts, DataStats
 from peace_core.pretrain.config import PretrainConfig
 from peace_core.pretrain.objective import PretrainObjective
 from peace_core.pretrain.optim import OptimConfig
 from peace_core.pretrain.runtime import RunContext, capture_rng, restore_rng
+from peace_core.pretrain.strategy import TrainingStrategy
+from peace_core.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_sharded,
+    read_trainer_state,
+    remove_sharded,
+    save_sharded,
+)
 
 #: Marks a trainer checkpoint (a native checkpoint plus the state needed to resume).
 CHECKPOINT_FORMAT = "peace-pretrain/1"
+#: The same, sharded over the ranks of an FSDP run (:mod:`peace_core.sharded_checkpoint`).
+SHARDED_CHECKPOINT_FORMAT = "peace-pretrain-sharded/1"
 CHECKPOINTS_DIR = "checkpoints"
 
 # --------------------------------------------------------------------------------------------
@@ -68,17 +84,18 @@ def stats_from_plain(plain: Mapping[str, Any]) -> DataStats:
 
 
 class CheckpointStore:
-    """``step_00001000.pt`` files in one directory, a ``latest`` pointer, and pruning."""
+    """Step checkpoints in one directory (``step_00001000.pt`` files, or ``step_00001000/``
+    sharded directories), a ``latest`` pointer, and pruning."""
 
     POINTER = "latest"
-    _PATTERN = re.compile(r"^step_(\d+)\.pt$")
+    _PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")
 
     def __init__(self, directory: str | os.PathLike[str], keep: int = 0) -> None:
         self.directory = Path(directory)
         self.keep = keep
 
-    def path_for(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}.pt"
+    def path_for(self, step: int, *, sharded: bool = False) -> Path:
+        return self.directory / (f"step_{step:08d}" if sharded else f"step_{step:08d}.pt")
 
     def write(
         self,
@@ -89,11 +106,15 @@ class CheckpointStore:
     ) -> Path:
         """Write atomically, then move the pointer, then prune (a crash leaves a valid latest)."""
         path = write_checkpoint(self.path_for(step), config, state_dict, extra)
+        self.commit(path)
+        return path
+
+    def commit(self, path: Path) -> None:
+        """Point ``latest`` at the finished checkpoint ``path``, then prune older ones."""
         temporary = self.directory / f".{self.POINTER}.tmp"
         temporary.write_text(path.name + "\n", encoding="utf-8")
         os.replace(temporary, self.directory / self.POINTER)
         self._prune(keep_path=path)
-        return path
 
     def steps(self) -> list[tuple[int, Path]]:
         if not self.directory.is_dir():
@@ -101,16 +122,16 @@ class CheckpointStore:
         found = []
         for path in self.directory.iterdir():
             match = self._PATTERN.match(path.name)
-            if match:
+            if match and _is_checkpoint(path):
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
     def latest(self) -> Path | None:
-        """The checkpoint the pointer names, else the newest step file, else None."""
+        """The checkpoint the pointer names, else the newest step checkpoint, else None."""
         pointer = self.directory / self.POINTER
         if pointer.is_file():
             named = self.directory / pointer.read_text(encoding="utf-8").strip()
-            if named.is_file():
+            if _is_checkpoint(named):
                 return named
         steps = self.steps()
         return steps[-1][1] if steps else None
@@ -120,13 +141,21 @@ class CheckpointStore:
             return
         old = [path for _, path in self.steps()[: -self.keep] if path != keep_path]
         for path in old:
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                remove_sharded(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() or is_sharded_checkpoint(path)
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint file, or the latest one under a run directory or its ``checkpoints/``."""
+    """A checkpoint (file or sharded directory), or the latest one under a run directory or its
+    ``checkpoints/``."""
     path = Path(path)
-    if path.is_file():
+    if _is_checkpoint(path):
         return path
     if path.is_dir():
         for directory in (path, path / CHECKPOINTS_DIR):
@@ -164,6 +193,32 @@ def config_changes(current: Mapping[str, Any], saved: Mapping[str, Any]) -> list
     return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
 
 
+def _load_file_training(checkpoint: Mapping[str, Any], parts: Resumable) -> None:
+    parts.objective.model.load_state_dict(checkpoint["state_dict"])
+    parts.objective.decoder.load_state_dict(checkpoint["decoder"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+
+
+def _load_sharded_training(path: Path, trainer: Mapping[str, Any], parts: Resumable) -> None:
+    """Weights and optimizer state from a sharded checkpoint, resharded onto this run (FSDP on
+    any number of ranks, or full copies)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(parts.objective, parts.optimizer)
+    load_sharded(path, {"objective": model_state, "optimizer": optimizer_state["state"]})
+    saved_groups = trainer["param_groups"]
+    current_groups = optimizer_state["param_groups"]
+    if [g["params"] for g in saved_groups] != [g["params"] for g in current_groups]:
+        raise ValueError("the trainable parameters differ from the checkpoint's")
+    optimizer_state["param_groups"] = saved_groups
+    set_state_dict(
+        parts.objective,
+        parts.optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state,
+    )
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -185,6 +240,7 @@ class Resumable(Protocol):
     scaler: torch.amp.GradScaler
     loader: WebDataLoader
     generator: torch.Generator  # the masking generator
+    strategy: TrainingStrategy
 
 
 class RunState:
@@ -247,52 +303,98 @@ class RunState:
         }
 
     def save(self, parts: Resumable) -> Path | None:
-        """Write a checkpoint of the current step (rank 0 writes and gets the path; every rank
-        must call)."""
+        """Write a checkpoint of the current step (every rank must call; rank 0 gets the path).
+
+        Sharded runs (FSDP) write a sharded directory, every rank its own shards; otherwise
+        rank 0 writes one file."""
         context = parts.context
         rank_state = self.rank_state(parts)
         states: list[Any] = [rank_state]
         if context.distributed:
             states = [None] * context.world_size
             dist.all_gather_object(states, rank_state)
+        common = {
+            "pretrain_config": self.config.model_dump(mode="json"),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "step": self.step,
+            "world_size": context.world_size,
+            "ranks": states,
+        }
+        model_config = parts.objective.model.config.model_dump(mode="json")
         path = None
-        if context.is_main:
+        if parts.strategy.sharded:
+            path = self._save_sharded(parts, common, model_config)
+        elif context.is_main:
             model = parts.objective.model
             extra = {
                 "format": CHECKPOINT_FORMAT,
-                "pretrain_config": self.config.model_dump(mode="json"),
+                **common,
                 "decoder": parts.objective.decoder.state_dict(),
                 "optimizer": parts.optimizer.state_dict(),
-                "scheduler": parts.scheduler.state_dict(),
-                "scaler": parts.scaler.state_dict(),
-                "step": self.step,
-                "world_size": context.world_size,
-                "ranks": states,
             }
-            path = self.store.write(
-                self.step, model.config.model_dump(mode="json"), model.state_dict(), extra
-            )
+            path = self.store.write(self.step, model_config, model.state_dict(), extra)
+        if context.is_main:
             self.last_checkpoint = path
+        else:
+            path = None
         self._last_checkpoint_step = self.step
         if context.distributed:
             dist.barrier()
         return path
 
+    def _save_sharded(
+        self, parts: Resumable, common: dict[str, Any], model_config: dict[str, Any]
+    ) -> Path:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(parts.objective, parts.optimizer)
+        tensors = {"objective": model_state, "optimizer": optimizer_state["state"]}
+        trainer = {
+            "format": SHARDED_CHECKPOINT_FORMAT,
+            "peace_format": NATIVE_FORMAT_VERSION,
+            "config": model_config,
+            **common,
+            "param_groups": optimizer_state["param_groups"],
+        }
+        final = self.store.path_for(self.step, sharded=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        path = save_sharded(
+            final,
+            tensors,
+            trainer if parts.context.is_main else None,
+            is_main=parts.context.is_main,
+            barrier=dist.barrier if dist.is_initialized() else lambda: None,
+        )
+        if parts.context.is_main:
+            self.store.commit(path)
+        return path
+
     # ------------------------------------------------------------------------ reading
 
     def load(self, path: Path, parts: Resumable) -> None:
-        """Restore ``parts`` and this state from the checkpoint at ``path``."""
-        checkpoint = read_checkpoint(path)
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        """Restore ``parts`` and this state from the checkpoint at ``path``: a file, or a
+        sharded directory (written by any number of ranks, read by this run's)."""
+        if is_sharded_checkpoint(path):
+            checkpoint = read_trainer_state(path)
+            load_weights = partial(_load_sharded_training, path, checkpoint)
+        else:
+            if parts.strategy.sharded:
+                raise CheckpointError(
+                    f"cannot resume a sharded (fsdp) run from the single file {str(path)!r}; "
+                    "start from its weights with model.init_from, or resume it with "
+                    "distributed.strategy 'ddp'"
+                )
+            checkpoint = read_checkpoint(path)
+            load_weights = partial(_load_file_training, checkpoint)
+        if checkpoint.get("format") not in (CHECKPOINT_FORMAT, SHARDED_CHECKPOINT_FORMAT):
             raise CheckpointError(
                 f"{str(path)!r} is not a pretraining checkpoint (it has no optimizer or step "
                 "state); to start from its weights set model.init_from instead"
             )
         try:
-            parts.objective.model.load_state_dict(checkpoint["state_dict"])
-            parts.objective.decoder.load_state_dict(checkpoint["decoder"])
-            parts.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError) as err:
+            load_weights(parts)
+        except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[:3]
             raise CheckpointError(
                 f"cannot resume from {str(path)!r}: it does not fit this config's model, "

@@ -50,16 +50,22 @@ def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def start_run(device_setting: str) -> RunContext:
-    """Pick the device and, under torchrun (``WORLD_SIZE > 1``), start the process group."""
+def start_run(device_setting: str, *, always_group: bool = False) -> RunContext:
+    """Pick the device and, under torchrun (``WORLD_SIZE > 1``), start the process group.
+
+    ``always_group`` starts a group of one in a plain process too (FSDP needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_setting, local_rank)
     started = False
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or always_group) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world > 1:
+            dist.init_process_group(backend)
+        else:  # no launcher: an in-process store, nothing listens on the network
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         started = True
     if dist.is_available() and dist.is_initialized():
         return RunContext(device, dist.get_rank(), dist.get_world_size(), started)

@@ -15,15 +15,14 @@ repeats the same draws and leaves the training RNG untouched. On CPU, N steps, s
 steps equals 2N uninterrupted steps bit for bit.
 
 Distributed. With ``WORLD_SIZE > 1`` (torchrun) the process group is started (gloo on CPU, nccl
-on CUDA), the objective is wrapped in ``DistributedDataParallel`` and only rank 0 logs and writes
-files; logged metrics are rank 0's. FSDP (sharding parameters and optimizer state for models
-that do not fit one device) is future work: the objective would be wrapped per fusion block and
-checkpoints gathered with ``torch.distributed.checkpoint``.
+on CUDA) and ``distributed.strategy`` spreads the step (:mod:`peace_core.pretrain.strategy`):
+``ddp`` wraps the objective in ``DistributedDataParallel``; ``fsdp`` shards it with FSDP2 and
+every rank writes its shards of each checkpoint (:mod:`peace_core.sharded_checkpoint`). Only
+rank 0 logs and writes the other files; logged metrics are rank 0's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -59,6 +58,7 @@ from peace_core.pretrain.runtime import (
     seed_everything,
     start_run,
 )
+from peace_core.pretrain.strategy import TrainingStrategy, build_strategy
 from peace_core.threads import ThreadPlan, apply_threads, plan_threads
 from peace_registry import Registry, get_registry
 from peace_registry.errors import PeaceError
@@ -94,6 +94,8 @@ class TrainingParts:
     generator: torch.Generator
     #: The data stream's own global RNG states.
     data_rng: IsolatedRng
+    #: How the step is spread over ranks (one process, ddp or fsdp).
+    strategy: TrainingStrategy
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +131,7 @@ class Trainer:
         self.artefacts = RunArtefacts(config, progress=progress, echo=echo)
         self.state = RunState(config, say=self.artefacts.say)
         self._parts: TrainingParts | None = None  # built by setup()
+        self._context: RunContext | None = None  # known as soon as the run has started
 
     # The built pieces, and the names callers used before the run state and artefacts moved out.
 
@@ -169,17 +172,17 @@ class Trainer:
         """Build everything and load the resume checkpoint; ``fit`` calls it when needed."""
         if self._parts is not None:
             return
-        parts = self._build()
-        self.state.resume(parts, self.resume)
+        try:
+            parts = self._build()
+            self.state.resume(parts, self.resume)
+        except BaseException:
+            self.close(wait_for_all=False)  # ends a process group the build started
+            raise
         self.state.mark_epoch_start(parts.loader.stats)
-        if parts.context.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            parts.wrapped = DistributedDataParallel(
-                parts.objective,
-                device_ids=[parts.device.index] if parts.device.type == "cuda" else None,
-                find_unused_parameters=self._find_unused_parameters(parts.objective),
-            )
+        parts.wrapped = parts.strategy.wrap(
+            parts.objective,
+            find_unused_parameters=self._find_unused_parameters(parts.objective),
+        )
         resumed = self.state.resumed_from is not None
         self.artefacts.open(resumed_at=self.state.step if resumed else None)
         self._parts = parts
@@ -189,12 +192,14 @@ class Trainer:
         # Keep the order: the global RNG draws (initial weights, then the per-rank training
         # stream) must not move, or runs and their resumes stop repeating.
         config = self.config
-        context = start_run(config.device)
+        context = start_run(config.device, always_group=config.distributed.strategy == "fsdp")
+        self._context = context
         self.artefacts.attach(context)
         threads = plan_threads(data_workers=config.data.workers, threads=config.threads)
         apply_threads(threads)
         device = context.device
         precision = resolve_precision(config.precision, device)
+        strategy = build_strategy(config.distributed, context, precision)
 
         seed_everything(config.seed)  # the same initial weights on every rank
         model = build_model(
@@ -210,6 +215,7 @@ class Trainer:
             decoder_loaded = load_decoder_from(config.model.init_from, objective.decoder)
         freeze_report = apply_freeze(objective, config.freeze)
         objective.to(device).train()
+        strategy.prepare(objective)  # FSDP shards before the optimizer sees the parameters
 
         optimizer = build_optimizer(objective, config.optim)
         loader = self._build_loader(model, context, threads.data_workers)
@@ -231,6 +237,7 @@ class Trainer:
             loader=loader,
             generator=torch.Generator().manual_seed(masks_seed),
             data_rng=IsolatedRng(),
+            strategy=strategy,
         )
         seed_everything(derive_seed(config.seed, context.rank, "training"))  # drop path etc.
         return parts
@@ -287,6 +294,7 @@ class Trainer:
             f"model {model.config.name!r} ({', '.join(model.modalities)}) on {parts.device}, "
             f"precision {parts.precision.name}, world size {parts.context.world_size}",
             parts.threads.describe(),
+            parts.strategy.describe(),
             parts.freeze_report.describe(),
             f"schedule: {schedule.total_steps} steps, warmup {schedule.warmup_steps}, "
             f"lr {self.config.optim.lr:g} -> {schedule.min_lr:g} ({schedule.kind})",
@@ -354,8 +362,7 @@ class Trainer:
             record = next(batches)
             batch = self._to_device(record["modalities"])
             samples += len(record.get("meta") or [])
-            sync = micro == accum - 1 or not parts.context.distributed
-            with contextlib.nullcontext() if sync else parts.wrapped.no_sync():
+            with parts.strategy.micro_batch(parts.wrapped, sync=micro == accum - 1):
                 with torch.autocast(
                     parts.device.type, dtype=parts.precision.autocast_dtype, enabled=autocast
                 ):
@@ -369,9 +376,10 @@ class Trainer:
                 parts.scaler.scale(loss / accum).backward()
             micro_metrics.append(metrics)
 
+        parts.strategy.finish_gradients(parts.objective)
         parts.scaler.unscale_(parts.optimizer)
         limit = self.config.clip_norm if self.config.clip_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(parts.trainable, limit)
+        grad_norm = parts.strategy.clip_grad_norm(parts.trainable, limit)
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
@@ -448,6 +456,7 @@ class Trainer:
         return artefacts.finish(
             result,
             model=parts.objective.model,
+            model_state=parts.strategy.full_model_state(parts.objective),
             total_steps=parts.schedule.total_steps,
             seconds=time.perf_counter() - run_start,
             samples=run_samples,
@@ -471,16 +480,15 @@ class Trainer:
         ``wait_for_all`` synchronises the ranks first (skipped after an error, when the other
         ranks may never arrive)."""
         self.artefacts.close()
-        if self._parts is None:
-            return
-        parts, context = self._parts, self._parts.context
-        if not context.distributed or not dist.is_initialized():
+        context = self._context
+        if context is None or not dist.is_initialized():
             return
         # Every rank waits for rank 0's final writes, and the DDP wrapper (which holds the
         # process group) goes first: tearing the group down under it can hang at exit.
-        if wait_for_all:
+        if wait_for_all and context.distributed and self._parts is not None:
             dist.barrier()
-        parts.wrapped = parts.objective
+        if self._parts is not None:
+            self._parts.wrapped = self._parts.objective
         if context.started_process_group:
             dist.destroy_process_group()
             context.started_process_group = False
