@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import io
 import json
 import os
@@ -140,16 +141,51 @@ def is_native(checkpoint: dict[str, Any]) -> bool:
     return "peace_format" in checkpoint and "state_dict" in checkpoint
 
 
+#: A file's SHA-256 sits beside it as ``<name>.sha256`` (written before the file is in place).
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_path(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def verify_checksum(path: str | os.PathLike[str]) -> str | None:
+    """``None`` when ``path`` matches the SHA-256 written beside it (or it has none, as files
+    from elsewhere); otherwise what is wrong."""
+    recorded = checksum_path(path)
+    if not recorded.is_file():
+        return None
+    expected = recorded.read_text(encoding="utf-8").split()[0] if recorded.stat().st_size else ""
+    if not Path(path).is_file():
+        return f"{os.fspath(path)!r} is missing"
+    if file_sha256(path) != expected:
+        return f"{os.fspath(path)!r} is corrupt: its SHA-256 differs from the one written with it"
+    return None
+
+
 def write_checkpoint(
     path: str | os.PathLike[str],
     config: dict[str, Any],
     state_dict: dict[str, torch.Tensor],
     extra: dict[str, Any] | None = None,
+    *,
+    checksum: bool = False,
 ) -> Path:
     """Write a native checkpoint atomically (a temp file renamed into place).
 
     ``.safetensors`` stores tensors and the config only; other suffixes use ``torch.save`` and may
-    carry ``extra`` plain data (optimizer state, step, ...).
+    carry ``extra`` plain data (optimizer state, step, ...). ``checksum`` writes the file's
+    SHA-256 beside it (:func:`verify_checksum`) before the file is renamed into place. A failed
+    write (a full disk) leaves whatever was at ``path`` before untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,11 +204,19 @@ def write_checkpoint(
             payload["state_dict"] = tensors
             payload.update(extra or {})
             torch.save(payload, tmp)
+        if checksum:
+            _write_text_atomically(checksum_path(path), f"{file_sha256(tmp)}  {path.name}\n")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _unsupported_global(err: BaseException) -> str:

@@ -5,6 +5,7 @@ Layout of ``step_00001000/``::
     .metadata          DCP's index of every tensor's shards (where each piece lies)
     __0_0.distcp ...   each rank's own shards (tensors only)
     trainer.pt         rank 0's plain state: configs, step, per-rank states (``weights_only``)
+    checksums.json     the SHA-256 of each file above
 
 Only tensors go through DCP: everything else lives in ``trainer.pt``, which loads with
 ``weights_only=True``. DCP's index is a pickle; it is read by an unpickler that knows DCP's
@@ -24,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import json
 import os
 import pathlib
 import pickle
@@ -33,18 +35,21 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
-from peace_core.checkpoint import CheckpointError, UnsafeCheckpointError
+from peace_core.checkpoint import CheckpointError, UnsafeCheckpointError, file_sha256
 
 #: The plain part of a sharded checkpoint; its presence marks the directory as one.
 TRAINER_FILE = "trainer.pt"
 #: DCP's index file.
 INDEX_FILE = ".metadata"
+#: The SHA-256 of every file of the directory, written last.
+CHECKSUMS_FILE = "checksums.json"
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -201,30 +206,71 @@ def save_sharded(
     final: str | os.PathLike[str],
     tensors: Mapping[str, Any],
     trainer_state: Mapping[str, Any] | None,
-    *,
-    is_main: bool,
-    barrier: Any,
 ) -> Path:
-    """Write a sharded checkpoint at ``final`` (every rank calls; rank 0 passes ``trainer_state``
-    and renames the finished ``.partial`` directory into place). ``barrier`` synchronises the
-    ranks (a no-op in one process)."""
+    """Write a sharded checkpoint at ``final``: every rank of the default process group calls
+    (or one process without a group); rank 0 passes ``trainer_state``. Each rank hashes its own
+    shards, rank 0 writes the hashes (``checksums.json``, :func:`verify_sharded`) and renames the
+    finished ``.partial`` directory into place."""
     final = Path(final)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    if is_main:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
         _remove_tree(partial)
         partial.mkdir(parents=True)
-    barrier()
+    _barrier()
     with _quiet_dcp():
         dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(os.fspath(partial)))
-    if is_main:
-        assert trainer_state is not None
+    mine = {p.name: file_sha256(p) for p in sorted(partial.glob(f"__{rank}_*.distcp"))}
+    hashes = _gather(mine)
+    if rank == 0:
+        assert trainer_state is not None, "rank 0 writes the trainer state"
         torch.save(dict(trainer_state), partial / TRAINER_FILE)
-    barrier()
-    if is_main:
+        files = {name: digest for rank_hashes in hashes for name, digest in rank_hashes.items()}
+        for name in (INDEX_FILE, TRAINER_FILE):
+            files[name] = file_sha256(partial / name)
+        (partial / CHECKSUMS_FILE).write_text(json.dumps(files, indent=1, sort_keys=True))
         _remove_tree(final)
         os.replace(partial, final)
-    barrier()
+    _barrier()
     return final
+
+
+def verify_sharded(path: str | os.PathLike[str]) -> str | None:
+    """``None`` when every file of the sharded checkpoint matches its recorded SHA-256 (ranks of a
+    process group share the hashing out and agree on the answer), else what is wrong."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        return f"{str(path)!r} is not a complete sharded checkpoint"
+    listed = path / CHECKSUMS_FILE
+    problem = None
+    if listed.is_file():
+        try:
+            expected = dict(json.loads(listed.read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            expected, problem = {}, f"{str(listed)!r} is unreadable"
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        for name in sorted(expected)[rank::world]:
+            file = path / name
+            if not file.is_file():
+                problem = f"{str(file)!r} is missing"
+            elif file_sha256(file) != expected[name]:
+                problem = f"{str(file)!r} is corrupt: its SHA-256 differs from the one recorded"
+    problems = _gather(problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank (rank order); ``[value]`` without a process group."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def remove_sharded(path: str | os.PathLike[str]) -> None:

@@ -486,7 +486,7 @@ def test_bad_samples_are_skipped_and_counted_per_reason(
         "undecodable jpg": 1,
         "missing text": 2,
         "invalid json": 1,
-        "text preprocessing failed": 1,
+        "empty txt": 1,
     }
     assert dict(sounds.bad) == {"undecodable flac": 1}
     assert "corrupt" in images.examples["undecodable jpg"][0]
@@ -680,3 +680,86 @@ def test_real_plugins_bad_samples_are_counted(planted_shards: dict[str, Path]) -
     assert images.bad["undecodable jpg"] == 1 and images.bad["missing text"] == 2
     assert images.bad["invalid json"] == 1
     assert dict(sounds.bad) == {"undecodable flac": 1}
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_every_kind_of_data_fault_is_skipped_and_counted_exactly(tmp_path: Path) -> None:
+    """One run over shards holding each fault the issue lists, through the real plugins."""
+    images = [{"__key__": f"img{i}", "jpg": _jpg(i), "txt": b"a picture"} for i in range(4)]
+    images += [
+        {"__key__": "png_ok", "png": _png(1), "txt": b"a png"},
+        {"__key__": "bad_jpg", "jpg": b"\xff\xd8 not a jpeg", "txt": b"x"},
+        {"__key__": "bad_png", "png": b"\x89PNG\r\n\x1a\n broken", "txt": b"x"},
+        {"__key__": "empty_jpg", "jpg": b"", "txt": b"x"},
+        {"__key__": "empty_txt", "jpg": _jpg(50), "txt": b""},
+        {"__key__": "json_wrong_type", "jpg": _jpg(51), "json": b'{"caption": 5}'},
+        {"__key__": "json_list", "jpg": _jpg(52), "json": b'{"caption": ["a", "b"]}'},
+        {"__key__": "no_image", "txt": b"only a caption"},
+        {"__key__": "no_caption", "jpg": _jpg(53)},
+    ]
+    sounds = [{"__key__": f"snd{i}", "flac": _flac(i), "txt": b"a sound"} for i in range(3)]
+    flac = _flac(9)
+    sounds += [
+        {"__key__": "bad_flac", "flac": flac[: len(flac) // 3], "txt": b"x"},
+        {"__key__": "empty_flac", "flac": b"", "txt": b"x"},
+    ]
+    write_shard(tmp_path / "images-0.tar", images)
+    write_shard(tmp_path / "sounds-0.tar", sounds)
+    # A truncated shard: two good samples, then the archive ends inside the third.
+    write_shard(tmp_path / "whole.tar", images[:4])
+    with tarfile.open(tmp_path / "whole.tar") as archive:
+        cut = archive.getmembers()[4].offset_data + 10
+    (tmp_path / "images-1.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:cut])
+    # Shards that exist when the run is configured, then vanish or cannot be read.
+    write_shard(tmp_path / "images-2.tar", images[:2])
+    write_shard(tmp_path / "images-3.tar", images[:2])
+    image_urls = [str(tmp_path / f"images-{i}.tar") for i in range(4)]
+    config = DataConfig(
+        datasets=[
+            DatasetConfig(name="images", urls=image_urls, modalities=["vision", "text"]),
+            DatasetConfig(
+                name="sounds", urls=str(tmp_path / "sounds-0.tar"), modalities=["audio", "text"]
+            ),
+        ],
+        batch_size=2,
+        shuffle_buffer=0,
+        workers=0,
+        max_bad_fraction=0.9,
+    )
+    preprocessors, extensions, _ = real_preprocessors()
+    data = WebDataLoader(config, preprocessors, extensions, train=False)
+    (tmp_path / "images-2.tar").unlink()
+    (tmp_path / "images-3.tar").unlink()
+    (tmp_path / "images-3.tar").mkdir()  # present, but not a readable file
+
+    seen = sorted(m["key"] for batch in data for m in batch["meta"])
+    # images-0: 4 jpg + 1 png + a caption list; images-1: the 2 samples before the cut.
+    expected = ["img0", "img1", "img2", "img3", "png_ok", "json_list", "img0", "img1"]
+    assert seen == sorted([*expected, "snd0", "snd1", "snd2"])
+    images, sounds = data.stats.counts("images"), data.stats.counts("sounds")
+    assert images.ok == 8 and sounds.ok == 3
+    assert dict(images.bad) == {
+        "undecodable jpg": 1,
+        "undecodable png": 1,
+        "empty jpg": 1,
+        "empty txt": 1,
+        "missing text": 2,  # a caption of the wrong type in the json; no caption at all
+        "missing vision": 1,
+        "unreadable shard": 3,  # truncated, vanished, a directory
+    }
+    assert dict(sounds.bad) == {"undecodable flac": 1, "empty flac": 1}
+    shards = " ".join(images.examples["unreadable shard"])
+    for name, what in (
+        ("images-1.tar", "unexpected end of data"),
+        ("images-2.tar", "No such file"),
+        ("images-3.tar", "Is a directory"),
+    ):
+        assert name in shards and what in shards
+    assert "json_wrong_type" in " ".join(images.examples["missing text"])
+    assert "data images: 8 ok, 10 skipped" in data.stats.summary()

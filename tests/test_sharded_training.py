@@ -35,6 +35,7 @@ from peace_core.sharded_checkpoint import (
     read_sharded_tensors,
     save_sharded,
     tensor_index,
+    verify_sharded,
 )
 
 WORLD = 2
@@ -126,8 +127,6 @@ def _train(
             shards,
             {"objective": get_model_state_dict(objective)},
             {"step": STEPS} if rank == 0 else None,
-            is_main=rank == 0,
-            barrier=dist.barrier if world > 1 else lambda: None,
         )
     return {
         "embeddings": embeddings,
@@ -262,7 +261,7 @@ def test_full_weights_embed_like_the_live_sharded_model(
 
 
 def _write(path: Path, tensors: dict[str, Any], trainer: dict[str, Any]) -> Path:
-    return save_sharded(path, tensors, trainer, is_main=True, barrier=lambda: None)
+    return save_sharded(path, tensors, trainer)
 
 
 def test_sharded_checkpoint_round_trip_and_consolidation(tmp_path: Path) -> None:
@@ -369,3 +368,16 @@ def test_strategy_settings_are_checked() -> None:
         build_strategy(
             DistributedConfig(strategy="fsdp", cpu_offload=True), context, Precision("fp32", None)
         )
+
+
+def test_a_damaged_shard_fails_its_checksum(tmp_path: Path) -> None:
+    path = _write(tmp_path / "step_00000001", {"objective": {"w": torch.ones(64)}}, {"step": 1})
+    assert verify_sharded(path) is None
+    shard = path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert "__0_0.distcp' is corrupt" in (verify_sharded(path) or "")
+    shard.unlink()
+    assert "is not a complete" not in (verify_sharded(path) or "")
+    assert "__0_0.distcp' is missing" in (verify_sharded(path) or "")

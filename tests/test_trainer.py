@@ -17,12 +17,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from training_helpers import (
+    MICRO_DECODER,
+    MICRO_MODEL,
+    losses,
+    micro_dataset,
+    single_process,
+    stage1_config,
+    torchrun,
+)
 
 from peace_core import from_pretrained
 from peace_core.checkpoint import CheckpointError, read_checkpoint
 from peace_core.cli import main as peace_main
 from peace_core.config_io import ConfigError, load_config, read_config_file
-from peace_core.data import SynthConfig, synthesize
 from peace_core.data.pipeline import raw_samples
 from peace_core.data.stats import DataStats
 from peace_core.pretrain.build import build_model
@@ -52,29 +60,6 @@ from peace_core.pretrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
-MICRO_MODEL: dict[str, Any] = {
-    "name": "micro",
-    "encoder": {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64, "layer_scale_init": 0.1},
-    "modalities": {
-        "vision": {"image_size": 32},
-        "text": {
-            "vocab_size": 260,
-            "tokenizer": {"kind": "bytes"},
-            "max_positions": 66,
-            "bucket_size": 16,
-            "max_tokens": 32,
-        },
-        "audio": {
-            "feature_layers": [[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2]] * 2,
-            "bucket_size": 32,
-            "max_duration": 1.0,
-            "conv_pos_depth": 2,
-            "conv_pos_width": 16,
-        },
-    },
-}
-MICRO_DECODER = {"dim": 32, "heads": 2, "ffn_dim": 64, "depth": 1, "max_positions": 128}
-
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -88,47 +73,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    config = SynthConfig(
-        train_images=16,
-        train_sounds=16,
-        test_images=0,
-        test_sounds=0,
-        texts=0,
-        image_size=32,
-        shard_size=8,
-    )
-    synthesize(root, config, jobs=1)
-    return root
-
-
-def stage1_config(synth_root: Path, output: Path, **changes: Any) -> dict[str, Any]:
-    """A vision+text micro run as a plain dict (tests edit it before validating)."""
-    config: dict[str, Any] = {
-        "model": {"config": copy.deepcopy(MICRO_MODEL), "modalities": ["vision", "text"]},
-        "objective": {"decoder": dict(MICRO_DECODER)},
-        "data": {
-            "datasets": [
-                {
-                    "name": "images",
-                    "urls": str(synth_root / "train" / "image_text-*.tar"),
-                    "modalities": ["vision", "text"],
-                }
-            ],
-            "batch_size": 4,
-            "workers": 0,
-            "shuffle_buffer": 6,
-            "seed": 5,
-        },
-        "optim": {"lr": 2e-3},
-        "schedule": {"total_steps": 6, "warmup_steps": 2},
-        "output_dir": str(output),
-        "log_every": 1,
-        "checkpoint_every": 100,
-        "tensorboard": False,
-    }
-    config.update(changes)
-    return config
+    return micro_dataset(tmp_path_factory.mktemp("synth"))
 
 
 def validated(raw: dict[str, Any]) -> PretrainConfig:
@@ -857,58 +802,17 @@ def test_cli_pretrain_runs_and_reports_bad_input(
 # ---- DDP under torchrun (CPU, gloo) --------------------------------------------------------
 
 
-def _torchrun(config_path: Path, *extra: str) -> None:
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists() and shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not installed")
-    command = [
-        str(torchrun if torchrun.exists() else "torchrun"),
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "peace_core.cli",
-        "pretrain",
-        str(config_path),
-        "--no-progress",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A session of its own, so that a hang kills torchrun's workers too.
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"torchrun timed out: {out[-2000:]} {err[-4000:]}")
-    assert process.returncode == 0, out[-2000:] + err[-4000:]
-
-
 @pytest.mark.slow
 def test_ddp_on_two_cpu_ranks_trains_and_resumes_exactly(synth_root: Path, tmp_path: Path) -> None:
     import yaml
 
     raw = stage1_config(synth_root, tmp_path / "full", schedule={"total_steps": 4})
     (tmp_path / "full.yaml").write_text(yaml.safe_dump(raw))
-    _torchrun(tmp_path / "full.yaml")
+    torchrun(tmp_path / "full.yaml")
     raw["output_dir"] = str(tmp_path / "split")
     (tmp_path / "split.yaml").write_text(yaml.safe_dump(raw))
-    _torchrun(tmp_path / "split.yaml", "--max-steps", "2")
-    _torchrun(tmp_path / "split.yaml")
+    torchrun(tmp_path / "split.yaml", "--max-steps", "2")
+    torchrun(tmp_path / "split.yaml")
 
     full = read_checkpoint(tmp_path / "full" / "checkpoints" / "step_00000004.pt")
     split = read_checkpoint(tmp_path / "split" / "checkpoints" / "step_00000004.pt")
@@ -926,27 +830,6 @@ def test_ddp_on_two_cpu_ranks_trains_and_resumes_exactly(synth_root: Path, tmp_p
 
 
 # ---- FSDP under torchrun (CPU, gloo) -------------------------------------------------------
-
-
-def _single_process(config_path: Path) -> str:
-    import os
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "peace_core.cli", "pretrain", str(config_path)]
-    done = subprocess.run(
-        [*command, "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done.stdout + done.stderr
-
-
-def _losses(run: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
 
 
 @pytest.mark.slow
@@ -968,15 +851,15 @@ def test_fsdp_on_two_cpu_ranks_resumes_reshards_and_consolidates(
         path.write_text(yaml.safe_dump(raw))
         return path
 
-    _torchrun(config("full"))
+    torchrun(config("full"))
     split = config("split")
-    _torchrun(split, "--max-steps", "2")
-    _torchrun(split)
-    _torchrun(config("recompute", grad_checkpointing=True))
+    torchrun(split, "--max-steps", "2")
+    torchrun(split)
+    torchrun(config("recompute", grad_checkpointing=True))
 
     full = tmp_path / "full"
-    assert len(_losses(full)) == 4 and _losses(split.with_suffix("")) == _losses(full)
-    assert _losses(tmp_path / "recompute") == pytest.approx(_losses(full), rel=1e-6)
+    assert len(losses(full)) == 4 and losses(split.with_suffix("")) == losses(full)
+    assert losses(tmp_path / "recompute") == pytest.approx(losses(full), rel=1e-6)
 
     # Every rank wrote its own shards; the plain part knows both ranks' data positions.
     step4 = full / "checkpoints" / "step_00000004"
@@ -1012,10 +895,10 @@ def test_fsdp_on_two_cpu_ranks_resumes_reshards_and_consolidates(
             schedule={"total_steps": 6, "warmup_steps": 2},
             distributed={"strategy": strategy},
         )
-        output = _single_process(path)
+        output = single_process(path)
         assert "written by 2 rank(s), this run has 1" in output
-        runs[strategy] = _losses(tmp_path / f"one-{strategy}")
-        assert len(runs[strategy]) == 6 and runs[strategy][:4] == _losses(full)
+        runs[strategy] = losses(tmp_path / f"one-{strategy}")
+        assert len(runs[strategy]) == 6 and runs[strategy][:4] == losses(full)
     assert runs["fsdp"][4:] == pytest.approx(runs["ddp"][4:], rel=1e-6)
     assert (tmp_path / "one-fsdp" / "checkpoints" / "step_00000006").is_dir()
     assert (tmp_path / "one-ddp" / "checkpoints" / "step_00000006.pt").is_file()

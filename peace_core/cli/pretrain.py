@@ -52,6 +52,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peace_core.pretrain.config import load_pretrain_config
+    from peace_core.pretrain.signals import exit_code
     from peace_core.pretrain.trainer import pretrain
 
     if args.max_steps is not None and args.max_steps < 0:
@@ -61,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:  # the same as --set threads=N
         overrides.append(f"threads={args.threads}")
     config = load_pretrain_config(args.config, overrides)
-    pretrain(
+    result = pretrain(
         config,
         resume=args.resume,
         max_steps=args.max_steps,
         progress=not args.no_progress,
     )
+    if result.stopped_by is not None and result.stopped_by in ("SIGTERM", "SIGINT"):
+        return exit_code(result.stopped_by)  # the shell's code for it; the checkpoint is saved
     return 0

@@ -123,6 +123,10 @@ class SampleDecoder:
         raise BadSampleError(f"missing {modality}", f"{where} has no {wanted} file")
 
     def _decode(self, modality: str, extension: str, payload: Any, where: str) -> Any:
+        blank = extension == CAPTION_EXTENSION and not bytes(payload).strip()
+        if isinstance(payload, bytes | bytearray) and (len(payload) == 0 or blank):
+            # A zero-length member (or a blank caption) would decode to nothing or to noise.
+            raise BadSampleError(f"empty {extension}", f"{where}: its {extension} file is empty")
         decoder = self.preprocessors[modality].decoders.get(extension)
         try:
             if decoder is not None:

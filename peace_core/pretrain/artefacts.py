@@ -56,6 +56,10 @@ class TrainResult:
     resumed_from: Path | None = None
     data_stats: DataStats = field(default_factory=DataStats)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: Steps whose update was dropped for a non-finite loss or gradient.
+    skipped_steps: list[dict[str, Any]] = field(default_factory=list)
+    #: The signal that ended the run early (it wrote a checkpoint; run again to resume).
+    stopped_by: str | None = None
 
     def describe(self) -> str:
         loss = self.summary.get("final_loss")
@@ -234,6 +238,10 @@ class RunArtefacts:
             "model": str(model_path),
             "plot": str(plot) if plot else None,
             "collapse_warnings": list(self.collapse_warnings),
+            "skipped_steps": [
+                {"step": s["step"], "fault": s["fault"], "keys": s["keys"][:32]}
+                for s in result.skipped_steps
+            ],
         }
         save_config(result.summary, self.output_dir / SUMMARY_FILE)
         self.say(result.describe())

@@ -97,6 +97,12 @@ class PretrainConfig(StrictModel):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     clip_norm: float | None = Field(3.0, gt=0.0, description="max gradient norm; None: no clip")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_skipped_steps: int = Field(
+        5,
+        ge=1,
+        description="a step with a non-finite loss or gradient is skipped (no update) and "
+        "reported with its samples; this many in a row stop the run",
+    )
     precision: Precision = Field(
         "auto", description="auto: bf16 autocast on CUDA when supported, else fp32"
     )

@@ -29,7 +29,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from peace_core.checkpoint import (
     NATIVE_FORMAT_VERSION,
     CheckpointError,
+    checksum_path,
     read_checkpoint,
+    verify_checksum,
     write_checkpoint,
 )
 from peace_core.data.pipeline import WebDataLoader
@@ -40,11 +42,13 @@ from peace_core.pretrain.optim import OptimConfig
 from peace_core.pretrain.runtime import RunContext, capture_rng, restore_rng
 from peace_core.pretrain.strategy import TrainingStrategy
 from peace_core.sharded_checkpoint import (
+    PARTIAL_SUFFIX,
     is_sharded_checkpoint,
     load_sharded,
     read_trainer_state,
     remove_sharded,
     save_sharded,
+    verify_sharded,
 )
 
 #: Marks a trainer checkpoint (a native checkpoint plus the state needed to resume).
@@ -105,9 +109,19 @@ class CheckpointStore:
         extra: dict[str, Any],
     ) -> Path:
         """Write atomically, then move the pointer, then prune (a crash leaves a valid latest)."""
-        path = write_checkpoint(self.path_for(step), config, state_dict, extra)
+        path = write_checkpoint(self.path_for(step), config, state_dict, extra, checksum=True)
         self.commit(path)
         return path
+
+    def remove_debris(self) -> None:
+        """Delete what a process killed mid-write left: temp files and ``.partial`` directories
+        (only the run's rank 0 writes here, so nothing else is writing them now)."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.glob(".step_*.tmp"):
+            path.unlink(missing_ok=True)
+        for path in self.directory.glob(f"step_*{PARTIAL_SUFFIX}"):
+            remove_sharded(path)
 
     def commit(self, path: Path) -> None:
         """Point ``latest`` at the finished checkpoint ``path``, then prune older ones."""
@@ -125,6 +139,12 @@ class CheckpointStore:
             if match and _is_checkpoint(path):
                 found.append((int(match.group(1)), path))
         return sorted(found)
+
+    def newest_first(self) -> list[Path]:
+        """Every step checkpoint, the one the pointer names first, then newest to oldest."""
+        steps = [path for _, path in reversed(self.steps())]
+        latest = self.latest()
+        return [latest, *(p for p in steps if p != latest)] if latest is not None else steps
 
     def latest(self) -> Path | None:
         """The checkpoint the pointer names, else the newest step checkpoint, else None."""
@@ -145,10 +165,16 @@ class CheckpointStore:
                 remove_sharded(path)
             else:
                 path.unlink(missing_ok=True)
+                checksum_path(path).unlink(missing_ok=True)
 
 
 def _is_checkpoint(path: Path) -> bool:
     return path.is_file() or is_sharded_checkpoint(path)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """``None`` when the checkpoint at ``path`` matches the checksums written with it."""
+    return verify_sharded(path) if path.is_dir() else verify_checksum(path)
 
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -276,11 +302,38 @@ class RunState:
         self.epoch_start_stats = copy.deepcopy(stats)
 
     def resume_path(self, resume: str | os.PathLike[str] | None) -> Path | None:
-        """The checkpoint to resume from: ``resume``'s, else the latest when auto-resuming."""
-        if resume is not None:
-            return find_checkpoint(resume)
-        if self.config.auto_resume:
-            return self.store.latest()
+        """The checkpoint to resume from: ``resume`` when it names a checkpoint, else the newest
+        intact one of a run directory (``resume``, or the output directory when auto-resuming).
+
+        A checkpoint whose checksum does not match is refused when named; in a run directory
+        the previous one is taken instead, and the user is told."""
+        if resume is not None and _is_checkpoint(Path(resume)):
+            problem = verify_checkpoint(Path(resume))
+            if problem is not None:
+                raise CheckpointError(f"cannot resume: {problem}")
+            return Path(resume)
+        if resume is None and not self.config.auto_resume:
+            return None
+        if resume is None:
+            candidates = self.store.newest_first()
+        else:
+            stores = [
+                CheckpointStore(Path(resume)),
+                CheckpointStore(Path(resume) / CHECKPOINTS_DIR),
+            ]
+            candidates = next((c for c in (s.newest_first() for s in stores) if c), [])
+            if not candidates:
+                find_checkpoint(resume)  # raises, saying what is missing
+        for path in candidates:
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            self._say(f"warning: {problem}; trying the checkpoint before it")
+        if candidates:
+            raise CheckpointError(
+                f"no intact checkpoint in {str(candidates[0].parent)!r}: every one failed its "
+                "checksum (see the warnings above)"
+            )
         return None
 
     def resume(self, parts: Resumable, resume: str | os.PathLike[str] | None) -> Path | None:
@@ -322,6 +375,8 @@ class RunState:
             "ranks": states,
         }
         model_config = parts.objective.model.config.model_dump(mode="json")
+        if context.is_main:
+            self.store.remove_debris()
         path = None
         if parts.strategy.sharded:
             path = self._save_sharded(parts, common, model_config)
@@ -359,13 +414,7 @@ class RunState:
         }
         final = self.store.path_for(self.step, sharded=True)
         final.parent.mkdir(parents=True, exist_ok=True)
-        path = save_sharded(
-            final,
-            tensors,
-            trainer if parts.context.is_main else None,
-            is_main=parts.context.is_main,
-            barrier=dist.barrier if dist.is_initialized() else lambda: None,
-        )
+        path = save_sharded(final, tensors, trainer if parts.context.is_main else None)
         if parts.context.is_main:
             self.store.commit(path)
         return path

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from peace_core.pretrain.runtime import (
     seed_everything,
     start_run,
 )
+from peace_core.pretrain.signals import StopRequests
 from peace_core.pretrain.strategy import TrainingStrategy, build_strategy
 from peace_core.threads import ThreadPlan, apply_threads, plan_threads
 from peace_registry import Registry, get_registry
@@ -102,6 +103,20 @@ class TrainingParts:
         return self.context.device
 
 
+@dataclass
+class StepOutcome:
+    """One optimizer step as :meth:`Trainer._optimizer_step` ran it."""
+
+    samples: int
+    keys: list[str]
+    datasets: list[str]
+    #: Every rank saw a stop request (a signal) by the end of this step.
+    stop: bool = False
+    #: ``"loss"`` or ``"gradient"`` when the update was dropped as non-finite.
+    fault: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 class Trainer:
     """Pretrains a model as :class:`PretrainConfig` says; ``fit()`` runs to the end.
 
@@ -132,6 +147,9 @@ class Trainer:
         self.state = RunState(config, say=self.artefacts.say)
         self._parts: TrainingParts | None = None  # built by setup()
         self._context: RunContext | None = None  # known as soon as the run has started
+        self._stop = StopRequests()
+        #: Steps whose update was dropped for a non-finite loss or gradient (rank 0's view).
+        self.skipped_steps: list[dict[str, Any]] = []
 
     # The built pieces, and the names callers used before the run state and artefacts moved out.
 
@@ -352,27 +370,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------ training
 
-    def _optimizer_step(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], int]:
+    def _optimizer_step(self, batches: Iterator[dict[str, Any]]) -> StepOutcome:
         parts = self.parts
         accum = self.config.grad_accum_steps
         micro_metrics: list[dict[str, float]] = []
-        samples = 0
+        samples, keys, datasets = 0, [], []
+        finite_loss = True
         autocast = parts.precision.autocast_dtype is not None
         for micro in range(accum):
             record = next(batches)
             batch = self._to_device(record["modalities"])
-            samples += len(record.get("meta") or [])
+            meta = record.get("meta") or []
+            samples += len(meta)
+            keys += [str(m.get("key")) for m in meta if isinstance(m, Mapping)]
+            datasets.append(str(record.get("dataset")))
             with parts.strategy.micro_batch(parts.wrapped, sync=micro == accum - 1):
                 with torch.autocast(
                     parts.device.type, dtype=parts.precision.autocast_dtype, enabled=autocast
                 ):
                     loss, metrics = parts.wrapped(batch, parts.generator)
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingError(
-                        f"non-finite loss at step {self.state.step + 1} (batch of dataset "
-                        f"{record.get('dataset')!r}): "
-                        + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-                    )
+                finite_loss = finite_loss and bool(torch.isfinite(loss.detach()))
+                # A non-finite loss is still sent backward: every rank must take part in the
+                # gradient collectives; the step is dropped below.
                 parts.scaler.scale(loss / accum).backward()
             micro_metrics.append(metrics)
 
@@ -380,6 +399,19 @@ class Trainer:
         parts.scaler.unscale_(parts.optimizer)
         limit = self.config.clip_norm if self.config.clip_norm is not None else math.inf
         grad_norm = parts.strategy.clip_grad_norm(parts.trainable, limit)
+        # Under fp16 the loss scaler owns overflowing gradients (it skips and lowers the scale).
+        finite_grads = math.isfinite(grad_norm) or parts.precision.scaled
+        bad_loss, bad_grads, stop = self._agree(
+            not finite_loss, not finite_grads, self._stop.received is not None
+        )
+        outcome = StepOutcome(samples=samples, keys=keys, datasets=datasets, stop=stop)
+        if bad_loss or bad_grads:
+            parts.optimizer.zero_grad(set_to_none=True)
+            if parts.precision.scaled:
+                parts.scaler.update()  # lowers the scale after the overflow unscale_ saw
+            outcome.fault = "loss" if bad_loss else "gradient"
+            outcome.metrics = mean_metrics(micro_metrics)
+            return outcome
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
@@ -393,7 +425,43 @@ class Trainer:
         metrics["grad_norm"] = float(grad_norm)
         if parts.precision.scaled:
             metrics["loss_scale"] = float(parts.scaler.get_scale())
-        return metrics, samples
+        outcome.metrics = metrics
+        return outcome
+
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag raised on any rank (every rank must call, once per step)."""
+        context = self.parts.context
+        if not context.distributed:
+            return flags
+        raised = torch.tensor([float(f) for f in flags], device=self.parts.device)
+        dist.all_reduce(raised, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in raised.tolist())
+
+    def _skip(self, outcome: StepOutcome, in_a_row: int) -> None:
+        """Drop a step with a non-finite loss or gradient; stop after too many in a row."""
+        attempt = self.state.step + 1
+        shown = ", ".join(outcome.keys[:8]) + (" ..." if len(outcome.keys) > 8 else "")
+        self.skipped_steps.append(
+            {
+                "step": attempt,
+                "fault": outcome.fault,
+                "datasets": outcome.datasets,
+                "keys": outcome.keys,
+            }
+        )
+        self.artefacts.say(
+            f"warning: skipped the update of step {attempt}: non-finite {outcome.fault} "
+            f"(on this or another rank; this rank's samples: {shown or 'unknown'})"
+        )
+        limit = self.config.max_skipped_steps
+        if in_a_row >= limit:
+            steps = ", ".join(f"{s['step']} ({s['fault']})" for s in self.skipped_steps[-limit:])
+            raise TrainingError(
+                f"stopping: {limit} steps in a row had a non-finite loss or gradient ({steps}); "
+                f"{len(self.skipped_steps)} skipped in this run. The model was not updated by "
+                "them; its last checkpoint is intact. Lower optim.lr, use precision fp32 or bf16, "
+                "or check the samples named above"
+            )
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank must call)."""
@@ -404,7 +472,8 @@ class Trainer:
         self.setup()
         finished = False
         try:
-            result = self._train()
+            with self._stop.installed():
+                result = self._train()
             finished = True
             return result
         finally:
@@ -419,18 +488,30 @@ class Trainer:
         run_start, run_samples = time.perf_counter(), 0
         batches = self._batches()
         artefacts.begin(state.step, stop, parts.schedule)
+        skipped_in_a_row = 0
+        stopped_by = None
         try:
             while state.step < stop:
                 step_start = time.perf_counter()
-                metrics, samples = self._optimizer_step(batches)
-                state.step += 1
-                losses.append(metrics["loss"])
-                run_samples += samples
-                artefacts.step_done(metrics, samples, time.perf_counter() - step_start)
-                if state.step % self.config.log_every == 0 or state.step == stop:
-                    artefacts.log(state.step, parts.loader.stats)
-                if state.step % self.config.checkpoint_every == 0 and state.step < stop:
-                    self.save_checkpoint()
+                outcome = self._optimizer_step(batches)
+                if outcome.fault is not None:
+                    skipped_in_a_row += 1
+                    self._skip(outcome, skipped_in_a_row)
+                else:
+                    skipped_in_a_row = 0
+                    state.step += 1
+                    metrics = outcome.metrics
+                    losses.append(metrics["loss"])
+                    run_samples += outcome.samples
+                    elapsed = time.perf_counter() - step_start
+                    artefacts.step_done(metrics, outcome.samples, elapsed)
+                    if state.step % self.config.log_every == 0 or state.step == stop:
+                        artefacts.log(state.step, parts.loader.stats)
+                    if state.step % self.config.checkpoint_every == 0 and state.step < stop:
+                        self.save_checkpoint()
+                if outcome.stop:
+                    stopped_by = self._stop.received or "a stop request on another rank"
+                    break
         except KeyboardInterrupt:
             # One process: keep the progress (exact unless the interrupt came mid-step, when the
             # data stream is a few batches ahead). Under torchrun the launcher stops every rank
@@ -452,7 +533,15 @@ class Trainer:
             checkpoint=state.last_checkpoint,
             resumed_from=state.resumed_from,
             data_stats=self._all_ranks_stats(),
+            skipped_steps=list(self.skipped_steps),
+            stopped_by=stopped_by,
         )
+        if stopped_by is not None:
+            artefacts.say(
+                f"stopped by {stopped_by} at step {state.step}; checkpoint written to "
+                f"{state.last_checkpoint}; run the same command again to resume"
+            )
+            return result
         return artefacts.finish(
             result,
             model=parts.objective.model,
