@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from training_helpers import losses, micro_dataset, stage1_config
+from training_helpers import losses, micro_dataset, stage1_config, start_torchrun, wait
 
 from peace_core.checkpoint import CheckpointError, read_checkpoint
 from peace_core.config_io import load_config
@@ -290,3 +290,22 @@ def test_sigkill_at_random_points_always_resumes_exactly(
     assert "resumed from" in output
     _assert_same_run(tmp_path / "run", uninterrupted)
     assert not list(checkpoints.glob(".*.tmp"))  # debris of killed writes is cleared
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    path = _write_config(tmp_path, synth_root, "run", checkpoint_every=1000)
+    process = start_torchrun(path)
+    _wait_for_steps(process, tmp_path / "run" / "metrics.jsonl", at_least=3)
+    process.send_signal(signal.SIGTERM)
+    code, output = wait(process, timeout=120)
+    assert code != 0 and "stopped by SIGTERM at step" in output, output[-3000:]
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert len(saved) == 1 and verify_checkpoint(saved[0]) is None
+    checkpoint = read_checkpoint(saved[0])
+    assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
+    code, output = wait(start_torchrun(path))
+    assert code == 0 and "resumed from" in output, output[-3000:]
+    assert len(losses(tmp_path / "run")) == 24

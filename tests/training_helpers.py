@@ -85,13 +85,14 @@ def stage1_config(synth_root: Path, output: Path, **changes: Any) -> dict[str, A
     return config
 
 
-def torchrun(config_path: Path, *extra: str) -> None:
-
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists() and shutil.which("torchrun") is None:
+def start_torchrun(config_path: Path, *extra: str) -> subprocess.Popen[str]:
+    """``peace pretrain`` on 2 CPU ranks under torchrun, in a session of its own (so that a hang
+    can kill its workers too); output on one pipe."""
+    launcher = Path(sys.executable).with_name("torchrun")
+    if not launcher.exists() and shutil.which("torchrun") is None:
         pytest.skip("torchrun is not installed")
     command = [
-        str(torchrun if torchrun.exists() else "torchrun"),
+        str(launcher if launcher.exists() else "torchrun"),
         "--standalone",
         "--nproc-per-node",
         "2",
@@ -102,23 +103,30 @@ def torchrun(config_path: Path, *extra: str) -> None:
         "--no-progress",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A session of its own, so that a hang kills torchrun's workers too.
-    process = subprocess.Popen(
+    return subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         start_new_session=True,
     )
+
+
+def wait(process: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str]:
+    """The exit code and output of ``process``; a hang fails the test (its session killed)."""
     try:
-        out, err = process.communicate(timeout=240)
+        output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"torchrun timed out: {out[-2000:]} {err[-4000:]}")
-    assert process.returncode == 0, out[-2000:] + err[-4000:]
+        output, _ = process.communicate()
+        pytest.fail(f"the run timed out: {output[-4000:]}")
+    return process.returncode, output
+
+
+def torchrun(config_path: Path, *extra: str) -> None:
+    code, output = wait(start_torchrun(config_path, *extra))
+    assert code == 0, output[-4000:]
 
 
 def single_process(config_path: Path) -> str:
