@@ -78,3 +78,23 @@ def test_memory_plan_counts_the_sharded_state(monkeypatch: pytest.MonkeyPatch) -
         timeout=120,
     ).stdout
     assert "| `tiny` |" in table and "fsdp x2 + cpu_offload" in table
+
+
+@pytest.mark.slow
+def test_strategy_memory_counts_half_the_state_per_rank_under_fsdp() -> None:
+    launcher = Path(sys.executable).with_name("torchrun")
+    script = SCRIPT.with_name("strategy_memory.py")
+    held = {}
+    launch = [str(launcher), "--standalone", "--nproc-per-node", "2", str(script)]
+    for strategy in ("ddp", "fsdp"):
+        done = subprocess.run(
+            [*launch, "--preset=tiny", f"--strategy={strategy}", "--steps=1", "--batch-size=2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = next(x for x in done.stdout.splitlines() if x.startswith(f"tiny, {strategy} x2"))
+        held[strategy] = float(line.split("weights + AdamW ")[1].split(" MiB")[0])
+    # Rounded to whole MiB: half, give or take the padding of uneven shards.
+    assert held["fsdp"] == pytest.approx(held["ddp"] / 2, abs=1.0)
