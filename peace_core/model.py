@@ -26,7 +26,16 @@ from peace_core.encoder import FusionEncoder, Segment
 from peace_core.init import init_fusion_weights
 from peace_core.layers import GeGLUFFN
 from peace_registry import BuildContext, Masker, ModalitySpec, Registry, get_registry
-from peace_registry.errors import PeaceError
+from peace_registry.contract import AdapterOutput, Preprocessor, RelativePositions, component_name
+from peace_registry.errors import (
+    ComponentBuildError,
+    ComponentOutputError,
+    PeaceError,
+    describe_plugin,
+)
+
+#: What a plugin factory may raise that says nothing about the plugin: re-raised as it is.
+_NOT_THE_PLUGINS_FAULT = (MemoryError, torch.OutOfMemoryError)
 
 
 class ModelConfigError(PeaceError, ValueError):
@@ -67,6 +76,7 @@ class Branch(nn.Module):
         encoder: FusionEncoder,
         projections: nn.ModuleDict,
         logit_scale: nn.Parameter,
+        adapter_origins: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
@@ -74,6 +84,8 @@ class Branch(nn.Module):
         self.encoder = encoder
         self.projections = projections
         self.logit_scale = logit_scale
+        #: ``{modality: "the <modality> adapter from plugin ..."}``: how errors name an adapter.
+        self.adapter_origins = dict(adapter_origins or {})
 
     def embed(self, modality: str, hidden: torch.Tensor) -> torch.Tensor:
         """CLS (already through the final modality LN) -> projection -> L2 normalisation."""
@@ -104,7 +116,12 @@ def _run(
     """The forward of a branch or a whole model: adapters -> fusion encoder -> embeddings.
 
     The encoder routes each segment to its modality's FFN, so a whole model runs any subset of its
-    modalities without building a branch.
+    modalities without building a branch. Each adapter's output is checked (type, shape, dtype,
+    device) and a fault raises :class:`ComponentOutputError` naming its plugin. In eval mode the
+    hidden states and embeddings must also be finite: a NaN or inf raises the same error, saying
+    which input held non-finite or out-of-range values, instead of returning a NaN embedding. In
+    training mode that check is left to the trainer's non-finite-loss check, so that a training
+    forward adds no host-device synchronisation.
     """
     kind = "branch" if isinstance(owner, Branch) else "model"
     unknown = sorted(set(batch) - set(owner.modalities))
@@ -117,16 +134,179 @@ def _run(
     if not present:
         raise ValueError(f"empty batch: expected some of {list(owner.modalities)}")
     joint = len(present) > 1 if joint is None else joint
+    # Eval mode is the adapters' (shared), not the owner's: a cached branch is no child of its
+    # model, so model.eval() does not reach the branch object itself.
+    check_finite = not torch.compiler.is_compiling()
     results: dict[str, ModalityOutput] = {}
     for names in [present] if joint else [[name] for name in present]:
         segments = []
         for name in names:
-            out = owner.adapters[name](batch[name], keep=None if keep is None else keep.get(name))
+            kept = None if keep is None else keep.get(name)
+            if isinstance(kept, torch.Tensor) and kept.ndim == 2 and kept.shape[1] == 0:
+                raise ValueError(
+                    f"keep for modality {name!r} selects no position (shape "
+                    f"{tuple(kept.shape)}): a kept view holds at least CLS, position 0"
+                )
+            out = owner.adapters[name](batch[name], keep=kept)
+            _check_adapter_output(owner, name, out)
             segments.append(Segment(name, out.tokens, out.padding_mask, out.rel_pos))
+        if all(segment.tokens.shape[0] == 0 for segment in segments):
+            # No samples, nothing to encode (and the encoder cannot broadcast a per-sample
+            # relative-position index of an empty batch): empty results of the right shapes.
+            for segment in segments:
+                tokens = segment.tokens
+                empty = tokens.new_zeros(0, tokens.shape[-1])
+                results[segment.modality] = ModalityOutput(
+                    tokens.new_zeros(tokens.shape), segment.padding_mask, empty
+                )
+            continue
         output = owner.encoder(segments)
         for name, hidden, mask in zip(names, output.hidden, output.padding_mask):
-            results[name] = ModalityOutput(hidden, mask, embed(owner.projections, name, hidden))
+            embedding = embed(owner.projections, name, hidden)
+            evaluating = check_finite and not owner.adapters[name].training
+            if evaluating and not hidden.is_meta and not _all_finite(hidden, embedding):
+                raise _non_finite_error(owner, name, batch, segments)
+            results[name] = ModalityOutput(hidden, mask, embedding)
     return results
+
+
+def _origin(owner: Branch | PeaceModel, modality: str) -> str:
+    return owner.adapter_origins.get(modality, f"the {modality} adapter")
+
+
+def _check_adapter_output(owner: Branch | PeaceModel, modality: str, out: object) -> None:
+    """What the fusion encoder needs from an adapter; anything else names the plugin at fault."""
+    what = _origin(owner, modality)
+    if not isinstance(out, AdapterOutput):
+        raise ComponentOutputError(
+            f"{what} returned {type(out).__name__}; expected an AdapterOutput(tokens, "
+            "padding_mask, rel_pos)"
+        )
+    dim = owner.encoder.config.dim
+    reference = owner.projections[modality].weight
+    tokens, padding = out.tokens, out.padding_mask
+    # The model's dtype, or autocast's compute dtype under autocast. A sharded (DTensor)
+    # parameter's own dtype and device are not what the encoder computes in: not checked then.
+    plain = type(reference) is nn.Parameter
+    device_type = tokens.device.type if isinstance(tokens, torch.Tensor) else "cpu"
+    dtypes = [reference.dtype] if plain else []
+    if torch.is_autocast_enabled(device_type):
+        dtypes.append(torch.get_autocast_dtype(device_type))
+    names = " or ".join(str(d) for d in dict.fromkeys(dtypes))
+    where = f" on {reference.device}" if plain else ""
+    whose = "the model's dtype and device" + (", or autocast's dtype" if len(dtypes) > 1 else "")
+    expected = f"[B, N >= 1, {dim}] floating-point tokens" + (
+        f" in {names}{where} ({whose})" if dtypes else ""
+    )
+    if not isinstance(tokens, torch.Tensor):
+        raise ComponentOutputError(
+            f"{what} returned tokens of type {type(tokens).__name__}; expected {expected}"
+        )
+    wrong = (
+        tokens.ndim != 3
+        or tokens.shape[1] == 0  # not even CLS, whose state is the embedding
+        or tokens.shape[-1] != dim
+        or not tokens.is_floating_point()
+        or (dtypes and tokens.dtype not in dtypes)
+        or (plain and tokens.device != reference.device)
+    )
+    if wrong:
+        raise ComponentOutputError(
+            f"{what} returned tokens of shape {tuple(tokens.shape)}, {tokens.dtype} on "
+            f"{tokens.device}; expected {expected}"
+        )
+    if (
+        not isinstance(padding, torch.Tensor)
+        or padding.dtype != torch.bool
+        or padding.shape != tokens.shape[:2]
+    ):
+        got = (
+            f"{padding.dtype} of shape {tuple(padding.shape)}"
+            if isinstance(padding, torch.Tensor)
+            else type(padding).__name__
+        )
+        raise ComponentOutputError(
+            f"{what} returned a padding_mask {got}; expected bool of shape "
+            f"{tuple(tokens.shape[:2])} (the tokens' [B, N], True at padding)"
+        )
+    if out.rel_pos is not None and not isinstance(out.rel_pos, RelativePositions):
+        raise ComponentOutputError(
+            f"{what} returned rel_pos of type {type(out.rel_pos).__name__}; expected "
+            "RelativePositions(index, tables) or None"
+        )
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _non_finite_parameters(module: nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def _non_finite_error(
+    owner: Branch | PeaceModel,
+    modality: str,
+    batch: Mapping[str, Mapping[str, torch.Tensor]],
+    segments: Sequence[Segment],
+) -> ComponentOutputError:
+    """Say where a non-finite result came from: weights that are not finite, an adapter's tokens
+    (and which of its inputs were not finite or far out of range), or the fusion encoder
+    overflowing on finite tokens. Runs only once the result is known to be bad."""
+    head = f"non-finite embedding for modality {modality!r} (eval mode): "
+    culprits = [s for s in segments if not bool(torch.isfinite(s.tokens).all())]
+    if not culprits:
+        shared = _non_finite_parameters(owner.encoder) + [
+            f"projections.{modality}.{name}"
+            for name in _non_finite_parameters(owner.projections[modality])
+        ]
+        if shared:
+            return ComponentOutputError(
+                head + f"the model's own weights hold NaN or inf: {', '.join(shared[:5])}"
+            )
+        largest = max(
+            float(s.tokens.detach().abs().amax()) if s.tokens.numel() else 0.0 for s in segments
+        )
+        return ComponentOutputError(
+            head + f"the fusion encoder overflowed on finite tokens (largest magnitude "
+            f"{largest:.3g}) of "
+            + ", ".join(_origin(owner, s.modality) for s in segments)
+            + "; tokens that large overflow the attention: the adapter should normalise them"
+        )
+    parts = []
+    for segment in culprits:
+        inputs = batch[segment.modality]
+        weights = _non_finite_parameters(owner.adapters[segment.modality])
+        bad = [
+            key
+            for key, value in inputs.items()
+            if isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ]
+        sizes = {
+            key: float(value.detach().abs().amax())
+            for key, value in inputs.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()
+        }
+        key = max(sizes, key=sizes.__getitem__, default=None)
+        if weights:
+            cause = f"its own weights hold NaN or inf ({', '.join(weights[:5])})"
+        elif bad:
+            cause = f"its batch holds NaN or inf in {', '.join(map(repr, bad))}"
+        elif key is not None:
+            cause = (
+                f"its batch is finite but reaches {sizes[key]:.3g} in {key!r}, far outside what "
+                "the modality's preprocessor produces, and the adapter's arithmetic overflowed"
+            )
+        else:
+            cause = "from a finite batch: a fault of the adapter itself"
+        parts.append(f"{_origin(owner, segment.modality)} returned NaN or inf tokens: {cause}")
+    return ComponentOutputError(
+        head
+        + "; ".join(parts)
+        + ". Pass finite inputs within the preprocessor's range (its output always is)"
+    )
 
 
 def _share_encoder_subset(encoder: FusionEncoder, modalities: Sequence[str]) -> FusionEncoder:
@@ -187,8 +367,10 @@ class PeaceModel(nn.Module):
         for name, chosen in config.variants.items():
             for kind, variant in chosen.items():  # unknown variants fail before anything is built
                 getattr(registry, kind)(name, variant)
+        #: ``{modality: "the <modality> adapter from plugin ..."}``: how errors name an adapter.
+        self.adapter_origins = {name: self.describe_component("adapter", name) for name in contexts}
         self.adapters = nn.ModuleDict(
-            {name: self._spec("adapter", name).build(ctx) for name, ctx in contexts.items()}
+            {name: self._build("adapter", name, ctx) for name, ctx in contexts.items()}
         )
         self.encoder = FusionEncoder(
             enc,
@@ -212,10 +394,44 @@ class PeaceModel(nn.Module):
         variant = self.config.variants.get(modality, {}).get(kind)
         return getattr(self._registry, kind)(modality, variant)
 
+    def describe_component(self, kind: str, modality: str) -> str:
+        """How errors name a component: ``the vision adapter from plugin 'vision' (peace-vision
+        0.1.0)``, or ``the vision masker variant 'block' from plugin ...``."""
+        variant = self.config.variants.get(modality, {}).get(kind)
+        record = self._registry.component_record(kind, component_name(modality, variant or ""))
+        part = f"{kind} variant {variant!r}" if variant else kind
+        origin = describe_plugin(record.plugin, record.dist, record.version)
+        return f"the {modality} {part} from {origin}"
+
+    def _build(self, kind: str, modality: str, argument: Any) -> Any:
+        """Build ``modality``'s ``kind`` with its plugin's factory. A factory that raises, or
+        returns the wrong kind of object, is a :class:`ComponentBuildError` naming the plugin."""
+        spec = self._spec(kind, modality)
+        try:
+            component = spec.build(argument)
+        except _NOT_THE_PLUGINS_FAULT:
+            raise
+        except Exception as exc:
+            what = self.describe_component(kind, modality)
+            raise ComponentBuildError(
+                f"{what} failed to build: {type(exc).__name__}: {exc}"
+            ) from exc
+        expected = {
+            "adapter": (nn.Module, "an nn.Module"),
+            "ffn": (nn.Module, "an nn.Module"),
+            "masker": (Masker, "a Masker (callable, with units())"),
+            "preprocessor": (Preprocessor, "a Preprocessor (callable, with decoders, collate)"),
+        }[kind]
+        if not isinstance(component, expected[0]):
+            raise ComponentBuildError(
+                f"{self.describe_component(kind, modality)} returned "
+                f"{type(component).__name__} from its factory; expected {expected[1]}"
+            )
+        return component
+
     def _ffn_factory(self, name: str, ctx: BuildContext):
-        spec = self._spec("ffn", name)
-        if spec is not None:
-            return lambda: spec.build(ctx)
+        if self._spec("ffn", name) is not None:
+            return lambda: self._build("ffn", name, ctx)
         return lambda: GeGLUFFN(
             ctx.dim, ctx.ffn_dim, eps=ctx.norm_eps, device=ctx.device, dtype=ctx.dtype
         )
@@ -243,6 +459,7 @@ class PeaceModel(nn.Module):
                 _share_encoder_subset(self.encoder, names),
                 nn.ModuleDict({name: self.projections[name] for name in names}),
                 self.logit_scale,
+                {name: self.adapter_origins[name] for name in names},
             )
             self._branches[names] = cached = (structure, branch)
         return cached[1]
@@ -287,7 +504,7 @@ class PeaceModel(nn.Module):
         if modality not in self._maskers:
             # Masks are drawn on the host from a generator: never on the model's build device.
             ctx = dataclasses.replace(self.contexts[modality], device=None, dtype=None)
-            self._maskers[modality] = self._spec("masker", modality).build(ctx)
+            self._maskers[modality] = self._build("masker", modality, ctx)
         return self._maskers[modality]
 
     # ---------------------------------------------------------------- preprocessing & embedding
@@ -296,8 +513,9 @@ class PeaceModel(nn.Module):
         """The modality's preprocessor (the config's variant), built once from its options."""
         self._check_modality(modality)
         if modality not in self._preprocessors:
-            spec = self._spec("preprocessor", modality)
-            self._preprocessors[modality] = spec.build(self.options[modality])
+            self._preprocessors[modality] = self._build(
+                "preprocessor", modality, self.options[modality]
+            )
         return self._preprocessors[modality]
 
     def preprocess(self, **inputs: Sequence[Any]) -> dict[str, dict[str, torch.Tensor]]:

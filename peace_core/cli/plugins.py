@@ -33,7 +33,9 @@ def add_parser(subparsers: Any) -> None:
         "check",
         help="load each plugin and build its components with tiny sizes (exit 1 on any failure)",
     )
-    check.add_argument("name", nargs="?", help="only this plugin (entry-point name)")
+    check.add_argument(
+        "names", nargs="*", metavar="NAME", help="only these plugins (entry-point names)"
+    )
     check.set_defaults(handler=run_check)
 
 
@@ -123,7 +125,8 @@ def check_dataset(registry: Registry, name: str) -> tuple[bool, str]:
 
 
 def check_plugin(registry: Registry, record: PluginRecord) -> bool:
-    """Print the outcome for one plugin; return whether it passed."""
+    """Print the outcome for one plugin; return whether it passed. Its first line says OK or
+    FAIL for the whole plugin (``grep ^FAIL`` lists the broken ones); the details follow."""
     from peace_registry.conformance import run_checks
 
     title = record.describe()
@@ -134,11 +137,8 @@ def check_plugin(registry: Registry, record: PluginRecord) -> bool:
         print(f"FAIL {title} {record.status}: {record.error}")
         return False
     passed = not record.problems
-    print(f"{'OK  ' if passed else 'FAIL'} {title}: loaded, registrations valid")
-    for problem in record.problems:
-        print(f"  FAIL {problem}")
-    for warning in record.warnings:
-        print(f"  WARN {warning}")
+    lines = [f"  FAIL {problem}" for problem in record.problems]
+    lines += [f"  WARN {warning}" for warning in record.warnings]
     # The modalities a plugin registers are checked whole; a variant it adds to any modality is
     # checked in place of that modality's default.
     subjects: dict[str, dict[str, str]] = {}
@@ -160,26 +160,34 @@ def check_plugin(registry: Registry, record: PluginRecord) -> bool:
         if skipped:
             summary += f", skipped: {', '.join(skipped)} (nothing registered)"
         what = f"modality {modality}" if subject == modality else f"variant {subject}"
-        print(f"  {'FAIL' if failures else 'OK  '} {what}: {summary}")
+        lines.append(f"  {'FAIL' if failures else 'OK  '} {what}: {summary}")
         by_message: dict[str, list[str]] = {}  # one root cause often fails many checks
         for failure in failures:
             by_message.setdefault(failure.message, []).append(failure.name)
         for message, names in by_message.items():
-            print(f"    FAIL {', '.join(names)}: {message}")
+            lines.append(f"    FAIL {', '.join(names)}: {message}")
         passed = passed and not failures
     for kind, name in record.components:
         if kind not in ("architecture", "dataset"):
             continue
         check = check_architecture if kind == "architecture" else check_dataset
         ok, message = check(registry, name)
-        print(f"  {'OK  ' if ok else 'FAIL'} {kind} {name}: {message}")
+        lines.append(f"  {'OK  ' if ok else 'FAIL'} {kind} {name}: {message}")
         passed = passed and ok
+    state = "registrations valid" if not record.problems else "registrations with problems"
+    verdict = "" if passed else ", some checks failed"
+    print(f"{'OK  ' if passed else 'FAIL'} {title}: loaded, {state}{verdict}")
+    for line in lines:
+        print(line)
     return passed
 
 
 def run_check(args: argparse.Namespace) -> int:
+    """Check every plugin (or the named ones, all named before any is checked): a broken one is
+    reported and the others are still checked; exit status 1 when any failed."""
     registry = discover()
-    records = registry.plugins() if args.name is None else [registry.plugin(args.name)]
+    names = list(dict.fromkeys(args.names))
+    records = [registry.plugin(name) for name in names] if names else registry.plugins()
     if not records:
         print("No plugins installed (entry-point group 'peace.plugins').")
         return 0

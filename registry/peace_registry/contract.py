@@ -26,6 +26,39 @@ PLUGIN_API_VERSION = "1.4"
 #: Modality names become checkpoint keys and ``nn.ModuleDict`` keys.
 MODALITY_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 
+# ``nn.ModuleDict`` refuses a key that is one of its attributes ("attribute 'type' already
+# exists") and a model keeps its adapters, FFNs, norms and projections in ModuleDicts by modality
+# name. Listed here, not read from torch, so that discovery never imports torch; the test suite
+# checks the list against the installed torch.
+# fmt: off
+_MODULE_DICT_ATTRIBUTES = (
+    "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "clear",
+    "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward",
+    "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "items",
+    "keys", "load_state_dict", "modules", "mtia", "named_buffers", "named_children",
+    "named_modules", "named_parameters", "parameters", "pop", "register_backward_hook",
+    "register_buffer", "register_forward_hook", "register_forward_pre_hook",
+    "register_full_backward_hook", "register_full_backward_pre_hook",
+    "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module",
+    "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
+    "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to",
+    "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad",
+)
+# fmt: on
+
+#: Names a modality may not take, with the reason: every torch ``nn.ModuleDict`` attribute, and
+#: the parameters of ``PeaceModel.encode``/``preprocess``, which take modalities as keywords.
+RESERVED_MODALITY_NAMES: Mapping[str, str] = {
+    **dict.fromkeys(
+        _MODULE_DICT_ATTRIBUTES,
+        "an attribute of torch's nn.ModuleDict, which holds a model's modules by modality name",
+    ),
+    **dict.fromkeys(
+        ("self", "batch_size", "progress"),
+        "a parameter of PeaceModel.encode, which takes modalities as keyword arguments",
+    ),
+}
+
 #: The kinds of component a plugin can register; each is keyed by a modality (or preset) name.
 ComponentKind = Literal[
     "modality", "adapter", "ffn", "masker", "preprocessor", "architecture", "dataset"
@@ -58,11 +91,17 @@ def component_modality(name: str) -> str:
 
 def check_modality_name(name: str, what: str = "modality") -> str:
     """Return ``name`` if it is a valid modality name, else raise ``ValueError`` saying why.
-    Variant and dataset names follow the same rule (``what`` names them in the message)."""
+    Variant and dataset names follow the same pattern (``what`` names them in the message); only
+    a modality name can be reserved (:data:`RESERVED_MODALITY_NAMES`)."""
     if not isinstance(name, str) or not MODALITY_NAME_PATTERN.match(name):
         raise ValueError(
             f"invalid {what} name {name!r}: expected lower-case letters, digits and '_', "
             "starting with a letter (pattern ^[a-z][a-z0-9_]*$)"
+        )
+    if what == "modality" and name in RESERVED_MODALITY_NAMES:
+        raise ValueError(
+            f"invalid modality name {name!r}: it is reserved ({RESERVED_MODALITY_NAMES[name]}); "
+            "choose another name"
         )
     return name
 

@@ -121,5 +121,17 @@ class ComponentConflictError(PeaceError):
         )
 
 
+class ComponentBuildError(PeaceError, ValueError):
+    """A plugin's factory raised, or returned the wrong kind of object, while a model was being
+    built. The message names the component, its plugin and distribution, and the cause (chained).
+    """
+
+
+class ComponentOutputError(PeaceError, ValueError):
+    """A built component returned something the host cannot use: an adapter's tokens of the
+    wrong type, shape, dtype or device, or (in eval mode) values that are not finite. The message
+    names the component, its plugin and distribution, and what was expected."""
+
+
 class CheckpointFormatError(PeaceError, ValueError):
     """No installed plugin converts the given checkpoint."""

@@ -181,6 +181,13 @@ class AudioAdapter(nn.Module):
     With ``keep`` the features are gathered at the kept frames first and the conv positional
     embedding runs on that compacted sequence (spec §3.3 step 2), frames in ``keep`` order, padded
     with zero features to the longest row. Slots with ``keep == -1`` are padding.
+
+    A batch that is not ``waveform`` [B,S] float + ``lengths`` [B] integer, or whose ``S`` gives
+    more than 1024 tokens, is an :class:`AudioBatchError` raised before any work is done. Sample
+    values are not checked, to keep the forward free of host-device synchronisation: NaN or inf,
+    or values far beyond the preprocessor's unit-variance output, give non-finite tokens, which a
+    model in eval mode refuses with a ``ComponentOutputError`` naming ``waveform`` (the
+    preprocessor itself refuses such clips).
     """
 
     def __init__(
@@ -274,13 +281,21 @@ class AudioAdapter(nn.Module):
             not isinstance(lengths, torch.Tensor)
             or lengths.shape != (batch_size,)
             or lengths.is_floating_point()
+            or lengths.is_complex()
             or lengths.dtype == torch.bool
         ):
-            shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths)
+            got = (
+                f"{lengths.dtype} of shape {tuple(lengths.shape)}"
+                if isinstance(lengths, torch.Tensor)
+                else type(lengths).__name__
+            )
             raise AudioBatchError(
                 f"audio batch 'lengths' must be a [{batch_size}] integer tensor (samples per "
-                f"clip), got {shape}"
+                f"clip), got {got}"
             )
+        # Before anything runs: a long waveform would make the extractor allocate [B, T, C] per
+        # layer only to be refused afterwards.
+        self._check_token_limit(frame_count(samples, self.feature_layers) + 1, samples)
         needed = receptive_field(self.feature_layers)
         if batch_size and (lengths.min() < needed or lengths.max() > samples):
             raise AudioBatchError(
@@ -304,13 +319,13 @@ class AudioAdapter(nn.Module):
     def _check_keep(keep: torch.Tensor, batch_size: int, tokens: int) -> torch.Tensor:
         if not isinstance(keep, torch.Tensor) or keep.ndim != 2 or keep.shape[0] != batch_size:
             shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep)
-            raise AudioBatchError(f"keep must be a [{batch_size},K] long tensor, got {shape}")
+            raise AudioBatchError(f"audio keep must be a [{batch_size},K] long tensor, got {shape}")
         if keep.is_floating_point() or keep.dtype == torch.bool:
-            raise AudioBatchError(f"keep must hold integer positions, got {keep.dtype}")
+            raise AudioBatchError(f"audio keep must hold integer positions, got {keep.dtype}")
         if keep.numel() and (keep.min() < -1 or keep.max() >= tokens):
             raise AudioBatchError(
-                f"keep holds positions outside [-1, {tokens - 1}] (the audio sequence has {tokens} "
-                "tokens with CLS; -1 marks padding)"
+                f"audio keep holds positions outside [-1, {tokens - 1}] (the audio sequence has "
+                f"{tokens} tokens with CLS; -1 marks padding)"
             )
         return keep.long()
 
@@ -327,7 +342,6 @@ class AudioAdapter(nn.Module):
             self._check_frames(frames, waveform)
         batch_size, num_frames, dim = frames.shape
         tokens = num_frames + 1
-        self._check_token_limit(tokens, waveform.shape[1])
         device = frames.device
 
         frame_padding = (

@@ -12,6 +12,9 @@ from peace_audio.frames import (
     receptive_field,
 )
 
+#: Seconds of a clip the preprocessor reads at all, by default (ten minutes).
+DEFAULT_MAX_INPUT_DURATION = 600.0
+
 #: Longest audio sequence (CLS included) the 1-D relative-position buckets cover; the same limit as
 #: ``peace_core.rel_pos.MAX_TOKEN_POSITIONS`` (kept here so this module stays free of torch).
 MAX_AUDIO_TOKENS = 1024
@@ -60,6 +63,16 @@ class AudioOptions(BaseModel):
     min_duration: float = Field(
         1.0, ge=0, description="shorter clips are repeated (tiled) to exactly this many seconds"
     )
+    max_input_duration: float = Field(
+        DEFAULT_MAX_INPUT_DURATION,
+        gt=0,
+        description=(
+            "seconds of a clip that are read at all: a longer file is decoded only this far and a "
+            "longer array cut here, before resampling, so that memory stays bounded whatever the "
+            "input (at most this many seconds at the clip's rate, which may not exceed 384 kHz); "
+            "the whole-clip normalisation then covers these seconds. At least max_duration"
+        ),
+    )
     mask_ratio: float = Field(
         0.55, gt=0, lt=1, description="fraction of frames hidden in the audio-only denoising view"
     )
@@ -92,6 +105,11 @@ class AudioOptions(BaseModel):
             raise ValueError(
                 f"min_duration ({self.min_duration} s) must not exceed max_duration "
                 f"({self.max_duration} s)"
+            )
+        if self.max_input_duration < self.max_duration:
+            raise ValueError(
+                f"max_input_duration ({self.max_input_duration} s) must be at least max_duration "
+                f"({self.max_duration} s): the model reads the first max_duration seconds"
             )
         if frame_count(self.max_samples, self.feature_layers) < 1:
             raise ValueError(

@@ -13,13 +13,14 @@ from torch import nn
 
 from peace_core.rel_pos import gather_bucket_index, token_bucket_index, token_bucket_rows
 from peace_registry.contract import AdapterOutput, BuildContext, RelativePositions
+from peace_registry.errors import PeaceError
 from peace_text.options import TextOptions
 
 #: Token, CLS and position embeddings: trunc-normal(0, 0.02) cut at ±0.02 (spec §2.6).
 EMBED_INIT_STD = 0.02
 
 
-class TextBatchError(ValueError):
+class TextBatchError(PeaceError, ValueError):
     """A text batch that the adapter cannot read (wrong keys, shapes, dtypes or ids)."""
 
 
@@ -120,11 +121,18 @@ class TextAdapter(nn.Module):
     def _check_keep(self, keep: torch.Tensor, size: int, length: int) -> None:
         if keep.ndim != 2 or keep.shape[0] != size or keep.dtype != torch.long:
             raise TextBatchError(
-                f"keep must be a [B={size}, K] long tensor, got {keep.dtype} {tuple(keep.shape)}"
+                f"text keep must be a [B={size}, K] long tensor, got {keep.dtype} "
+                f"{tuple(keep.shape)}"
+            )
+        if keep.numel() and not keep.is_meta and int(keep.min()) < -1:
+            raise TextBatchError(
+                f"text keep holds position {int(keep.min())}: positions are 0..{length - 1}, or -1 "
+                "for padding"
             )
         if keep.numel() and not keep.is_meta and int(keep.max()) >= length:
             raise TextBatchError(
-                f"keep holds position {int(keep.max())}, but the sequence has {length} positions"
+                f"text keep holds position {int(keep.max())}, but the sequence has {length} "
+                "positions"
             )
 
     def forward(

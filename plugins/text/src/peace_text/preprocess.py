@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from peace_registry.errors import PeaceError
 from peace_text.options import TextOptions
 from peace_text.tokenizer import build_tokenizer
 from peace_text.tokenizer_base import TextEncoding, TextTokenizer
@@ -17,7 +19,11 @@ from peace_text.tokenizer_base import TextEncoding, TextTokenizer
 JSON_TEXT_KEYS = ("caption", "text")
 
 
-class TextInputError(ValueError):
+#: A lone UTF-16 surrogate: a Python ``str`` can hold one (``surrogateescape``), Unicode text not.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TextInputError(PeaceError, ValueError):
     """A raw text item that cannot be read (undecodable bytes, a JSON without a caption...)."""
 
 
@@ -90,8 +96,19 @@ class TextPreprocessor:
 
     @staticmethod
     def as_text(item: Any) -> str:
-        """``item`` as a string: ``str`` as is, ``bytes`` decoded as UTF-8."""
+        """``item`` as a string: ``str`` as is, ``bytes`` decoded as UTF-8.
+
+        Any valid Unicode is accepted, of any length (tokenizers keep the first ``max_tokens``
+        tokens). A ``str`` holding a lone surrogate (``"\\ud800"``, as ``surrogateescape`` makes)
+        is not Unicode text: every tokenizer would fail on it differently, so it is a
+        :class:`TextInputError` naming its position."""
         if isinstance(item, str):
+            surrogate = _SURROGATE.search(item)
+            if surrogate is not None:
+                raise TextInputError(
+                    f"text holds a lone surrogate {surrogate.group()!r} at position "
+                    f"{surrogate.start()}: not valid Unicode (decode bytes with errors='replace')"
+                )
             return item
         if isinstance(item, (bytes, bytearray, memoryview)):
             try:

@@ -122,6 +122,15 @@ class VisionAdapter(nn.Module):
         return torch.cat([cls_row, resized], dim=0)
 
     def _check_pixels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``batch["pixels"]``: a real ``[B,3,H,W]`` tensor with H and W positive multiples of 16,
+        at most ``16 * rel_bucket_size`` pixels a side; anything else is a ``ValueError`` (a
+        ``KeyError`` without the key) naming what was given.
+
+        Values are not checked here, to keep the forward free of host-device synchronisation:
+        NaN or inf pixels, or values far outside the normalised range the preprocessor produces
+        (about -1.8..2.2), give non-finite tokens, which a model in eval mode refuses with a
+        ``ComponentOutputError`` naming ``pixels`` (the preprocessor itself refuses such images).
+        """
         if "pixels" not in batch:
             raise KeyError(
                 f"vision batch has no 'pixels' (keys: {sorted(batch)}); expected the collated "
@@ -129,8 +138,12 @@ class VisionAdapter(nn.Module):
             )
         pixels = batch["pixels"]
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
-            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels)
+            shape = (
+                tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            )
             raise ValueError(f"vision pixels: expected a [B,3,H,W] tensor, got {shape}")
+        if pixels.is_complex():  # casting would silently drop the imaginary part
+            raise ValueError(f"vision pixels: expected real values, got {pixels.dtype}")
         height, width = pixels.shape[-2:]
         if height % PATCH_SIZE or width % PATCH_SIZE or height == 0 or width == 0:
             raise ValueError(

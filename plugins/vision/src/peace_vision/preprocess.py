@@ -15,6 +15,16 @@ Colour handling, chosen to lose nothing the model can see:
 - EXIF orientation is not applied and only the first frame of an animation is read (as the
   official pipeline does).
 
+Bad input is an :class:`ImageInputError` (or a ``TypeError`` for an unaccepted type or dtype)
+whose message names the input: an image with no pixels, or pixels that are NaN or infinite (float
+arrays and tensors, and Pillow's float ``F`` images alike), is refused rather than turned into a
+NaN embedding.
+
+Size: any image is resized to ``image_size`` (so a 4096-px photo becomes ``[3,S,S]`` like any
+other). What a file may decode to is bounded by Pillow's decompression-bomb limit
+(``PIL.Image.MAX_IMAGE_PIXELS``, about 89 M pixels warns, twice that is refused before decoding);
+arrays and tensors are already in memory and are converted at most once to float32.
+
 Evaluation: resize to ``S x S`` (bicubic, aspect ratio not kept, no crop), scale to [0,1],
 normalise with ``mean``/``std``. Training (``train=True``): a RandomResizedCrop to ``S`` (area in
 ``train_crop_scale``, aspect in ``train_crop_ratio``, bicubic) drawn from Python's ``random``
@@ -124,12 +134,20 @@ def _composite_on_white(image: Image.Image) -> Image.Image:
 
 
 def pil_to_rgb(image: Image.Image) -> RGBImage:
-    """Any Pillow image -> 8-bit RGB image, or float ``HxWx3`` for high-bit-depth modes."""
+    """Any Pillow image -> 8-bit RGB image, or float ``HxWx3`` for high-bit-depth modes.
+
+    An image without pixels (a side of 0) or with NaN or infinite values (possible in ``F``
+    images) is an :class:`ImageInputError`: scaling such values would give NaN pixels and a NaN
+    embedding."""
     mode = image.mode
+    if image.width == 0 or image.height == 0:
+        raise ImageInputError(f"{mode!r} image of size {image.width}x{image.height} is empty")
     if mode in _SIXTEEN_BIT_MODES:
         return _grey_to_rgb(np.asarray(image), 65535.0)
     if mode in ("I", "F"):
         values = np.asarray(image)
+        if not np.isfinite(values).all():
+            raise ImageInputError(f"{mode!r} image: pixels must be finite (found NaN or inf)")
         return _grey_to_rgb(values, _unit_divisor(values))
     if mode in _ALPHA_MODES or "transparency" in image.info:
         return _composite_on_white(image)
@@ -175,6 +193,11 @@ def _array_to_rgb(array: np.ndarray, name: str) -> RGBImage:
 
 
 def _tensor_to_rgb(tensor: torch.Tensor) -> RGBImage:
+    if tensor.layout != torch.strided or tensor.is_meta:
+        where = "the meta device" if tensor.is_meta else f"the {tensor.layout} layout"
+        raise ImageInputError(
+            f"image tensor on {where} holds no readable pixels; pass a dense tensor with values"
+        )
     if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4):
         array = tensor.detach().cpu().permute(1, 2, 0)
     elif tensor.ndim == 2:
