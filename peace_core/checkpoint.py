@@ -204,9 +204,11 @@ def write_checkpoint(
             payload["state_dict"] = tensors
             payload.update(extra or {})
             torch.save(payload, tmp)
+        fsync_path(tmp)  # on disk before it takes the name: a power cut cannot leave a torn file
         if checksum:
             _write_text_atomically(checksum_path(path), f"{file_sha256(tmp)}  {path.name}\n")
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -216,7 +218,17 @@ def write_checkpoint(
 def _write_text_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text, encoding="utf-8")
+    fsync_path(temporary)
     os.replace(temporary, path)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _unsupported_global(err: BaseException) -> str:

@@ -42,7 +42,12 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import ReadItem
 
-from peace_core.checkpoint import CheckpointError, UnsafeCheckpointError, file_sha256
+from peace_core.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    file_sha256,
+    fsync_path,
+)
 
 #: The plain part of a sharded checkpoint; its presence marks the directory as one.
 TRAINER_FILE = "trainer.pt"
@@ -229,8 +234,11 @@ def save_sharded(
         for name in (INDEX_FILE, TRAINER_FILE):
             files[name] = file_sha256(partial / name)
         (partial / CHECKSUMS_FILE).write_text(json.dumps(files, indent=1, sort_keys=True))
+        for name in (TRAINER_FILE, CHECKSUMS_FILE):  # DCP syncs the shards it writes itself
+            fsync_path(partial / name)
         _remove_tree(final)
         os.replace(partial, final)
+        fsync_path(final.parent)
     _barrier()
     return final
 
