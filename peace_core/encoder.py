@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from peace_core.attention import BACKEND_NAMES, attend, resolve_backend
 from peace_core.config import EncoderConfig
 from peace_core.init import init_fusion_weights
-from peace_core.layers import DropPath, LayerScale
+from peace_core.layers import DropPath, LayerScale, normed_linears
 from peace_registry.contract import AdapterOutput, RelativePositions, check_modality_name
 
 #: ``(modality, length)`` of every segment of a joint sequence, in order.
@@ -88,14 +88,23 @@ class SharedAttention(nn.Module):
         self.inner_norm = nn.LayerNorm(dim, eps=eps, **factory)
         self.out_proj = nn.Linear(dim, dim, bias=True, **factory)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, *, norm: nn.LayerNorm | None = None
+    ) -> torch.Tensor:
+        """Attend over ``x``, or over ``norm(x)`` when the block hands its pre-norm over (then
+        neither the normalised copy nor the merged heads are kept for the backward)."""
         split_heads = "b n (h d) -> b h n d"
-        q = rearrange(self.q_proj(x), split_heads, h=self.heads)
-        k = rearrange(self.k_proj(x), split_heads, h=self.heads)
-        v = rearrange(self.v_proj(x), split_heads, h=self.heads)
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if norm is None:
+            q, k, v = (linear(x) for linear in projections)
+        else:
+            q, k, v = normed_linears(x, norm, projections)
+        q, k, v = (rearrange(t, split_heads, h=self.heads) for t in (q, k, v))
         backend = resolve_backend(self.backend, q.device, q.dtype)
-        out = rearrange(attend(q, k, v, bias, backend), "b h n d -> b n (h d)")
-        return self.out_proj(self.inner_norm(out))
+        (out,) = normed_linears(
+            attend(q, k, v, bias, backend), self.inner_norm, [self.out_proj], merge_heads=True
+        )
+        return out
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, backend={self.backend!r}"
@@ -130,7 +139,7 @@ class FusionBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, routes: Routes) -> torch.Tensor:
-        x = x + self.drop_path(self.attn_scale(self.attn(self.attn_norm(x), bias)))
+        x = x + self.drop_path(self.attn_scale(self.attn(x, bias, norm=self.attn_norm)))
         return x + self.drop_path(self.ffn_scale(self._route_ffns(self.ffn_norm(x), routes)))
 
     def _route_ffns(self, h: torch.Tensor, routes: Routes) -> torch.Tensor:

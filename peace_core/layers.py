@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,88 @@ class _GatedNormProjection(torch.autograd.Function):
         grads = iter(torch.autograd.grad(inner, wanted, grad_inner) if wanted else ())
         inputs = [next(grads) if leaf.requires_grad else None for leaf in leaves]
         return (*inputs, None, grad_out_weight, grad_out_bias)
+
+
+def normed_linears(
+    x: torch.Tensor, norm: nn.LayerNorm, linears: Sequence[nn.Linear], *, merge_heads: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``tuple(linear(norm(x)) for linear in linears)``; with ``merge_heads`` ``x`` is
+    ``[B, H, N, d]`` and is first merged to ``[B, N, H·d]``.
+
+    While gradients are recorded, only ``x`` is kept for the backward (:class:`_NormedLinears`),
+    not the normalised (and merged) copy that each linear would keep.
+    """
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        params: list[torch.Tensor | None] = []
+        for linear in linears:
+            params += [linear.weight, linear.bias]
+        return _NormedLinears.apply(x, norm.weight, norm.bias, norm.eps, merge_heads, *params)
+    h = norm(_merge_heads(x) if merge_heads else x)
+    return tuple(linear(h) for linear in linears)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+class _NormedLinears(torch.autograd.Function):
+    """LayerNorm followed by linears that read its output, keeping only the input.
+
+    Autograd would keep the norm's input and its output (for the linears); with merged heads also
+    the merged copy, while attention already keeps the unmerged tensor. The backward recomputes
+    the (cheap) merge and norm and does the linears' matmuls itself, so no matmul is repeated.
+    Autocast is restored for the recomputation, as in the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, merge_heads, *params):  # type: ignore[override]
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.eps, ctx.merge_heads, ctx.count = eps, merge_heads, len(params) // 2
+        ctx.has_bias = [params[2 * i + 1] is not None for i in range(ctx.count)]
+        weights = params[0::2]
+        ctx.save_for_backward(x, norm_weight, norm_bias, *weights)
+        h = _merge_heads(x) if merge_heads else x
+        h = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
+        return tuple(F.linear(h, w, b) for w, b in zip(weights, params[1::2]))
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):  # type: ignore[override]
+        x, norm_weight, norm_bias, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        device, enabled, dtype = ctx.autocast
+        param_grads: list[torch.Tensor | None] = []
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            with torch.enable_grad():  # only the recomputed norm is differentiated
+                leaves = [
+                    tensor.detach().requires_grad_(need)
+                    for tensor, need in zip((x, norm_weight, norm_bias), needs)
+                ]
+                h = _merge_heads(leaves[0]) if ctx.merge_heads else leaves[0]
+                h = F.layer_norm(h, h.shape[-1:], leaves[1], leaves[2], ctx.eps)
+            flat_h = h.detach().reshape(-1, h.shape[-1])
+            grad_h = None
+            for i, (weight, grad) in enumerate(zip(weights, grad_outputs)):
+                need_weight, need_bias = needs[5 + 2 * i], needs[6 + 2 * i]
+                if grad is None:
+                    param_grads += [None, None]
+                    continue
+                # One flat (contiguous) copy of the gradient serves both matmuls as 2-D GEMMs.
+                flat_grad = grad.reshape(-1, grad.shape[-1])
+                part = torch.matmul(flat_grad, weight)
+                grad_h = part if grad_h is None else grad_h.add_(part)
+                grad_weight = torch.matmul(flat_grad.t(), flat_h) if need_weight else None
+                grad_bias = flat_grad.sum(0) if need_bias and ctx.has_bias[i] else None
+                param_grads += [grad_weight, grad_bias]
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        if grad_h is not None:
+            grad_h = grad_h.reshape(h.shape)
+        grads = iter(
+            torch.autograd.grad(h, wanted, grad_h) if wanted and grad_h is not None else ()
+        )
+        inputs = [next(grads, None) if leaf.requires_grad else None for leaf in leaves]
+        return (*inputs, None, None, *param_grads)
 
 
 class LayerScale(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peace_core.init import LINEAR_INIT_STD, SCRATCH_TRUNCATION, init_fusion_weights
-from peace_core.layers import DropPath, GeGLUFFN, LayerScale
+from peace_core.layers import DropPath, GeGLUFFN, LayerScale, normed_linears
 
 
 def test_geglu_ffn_structure_and_formula() -> None:
@@ -152,3 +152,62 @@ def test_geglu_backward_recomputes_under_the_forwards_autocast() -> None:
     for got, want in zip(*results):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def _norm_and_linears(seed: int) -> tuple[nn.LayerNorm, list[nn.Linear]]:
+    torch.manual_seed(seed)
+    norm = nn.LayerNorm(16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    linears = [nn.Linear(16, 16), nn.Linear(16, 16, bias=False), nn.Linear(16, 8)]
+    return norm, linears
+
+
+@pytest.mark.parametrize("merge_heads", [False, True])
+def test_normed_linears_keep_only_the_input_and_give_the_plain_gradients(
+    merge_heads: bool,
+) -> None:
+    norm, linears = _norm_and_linears(0)
+    shape = (3, 4, 5, 4) if merge_heads else (3, 5, 16)  # [B, H, N, d] or [B, N, D]
+    x = torch.randn(*shape, requires_grad=True)
+
+    def plain(x: torch.Tensor) -> list[torch.Tensor]:
+        h = x.transpose(1, 2).reshape(3, 5, 16) if merge_heads else x
+        return [linear(norm(h)) for linear in linears]
+
+    inputs = [x, *norm.parameters(), *(p for linear in linears for p in linear.parameters())]
+    weights = [torch.randn(3, 5, linear.out_features) for linear in linears]
+
+    def loss(outputs: list[torch.Tensor]) -> torch.Tensor:
+        return sum((out * w).sum() for out, w in zip(outputs, weights))
+
+    got = torch.autograd.grad(
+        loss(list(normed_linears(x, norm, linears, merge_heads=merge_heads))), inputs
+    )
+    want = torch.autograd.grad(loss(plain(x)), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for a, b in zip(normed_linears(x, norm, linears, merge_heads=merge_heads), plain(x)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # What the graph keeps: the input, not a normalised [B, N, D] copy.
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        normed_linears(x, norm, linears, merge_heads=merge_heads)
+    activations = [t for t in kept if t.shape[:1] == (3,)]
+    assert len(activations) == 1 and activations[0].shape == x.shape
+
+
+def test_normed_linears_only_some_outputs_used_and_under_autocast() -> None:
+    norm, linears = _norm_and_linears(1)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    inputs = [x, *norm.parameters(), linears[0].weight, linears[0].bias]
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first = normed_linears(x, norm, linears)[0] if fused else linears[0](norm(x))
+        assert first.dtype == torch.bfloat16
+        results.append(torch.autograd.grad(first.float().square().sum(), inputs))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
