@@ -164,7 +164,8 @@ def verify_checksum(path: str | os.PathLike[str]) -> str | None:
     recorded = checksum_path(path)
     if not recorded.is_file():
         return None
-    expected = recorded.read_text(encoding="utf-8").split()[0] if recorded.stat().st_size else ""
+    fields = recorded.read_text(encoding="utf-8").split()  # "<sha256>  <name>"
+    expected = fields[0] if fields else ""
     if not Path(path).is_file():
         return f"{os.fspath(path)!r} is missing"
     if file_sha256(path) != expected:

@@ -6,8 +6,6 @@ what it saw; the parent compares it with the single-process loss over the concat
 
 from __future__ import annotations
 
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_workers import run_workers
 
 from peace_core import distributed
 from peace_core.losses import AligningContrast
@@ -132,36 +130,13 @@ def _worker(rank: int, init_file: str, out_dir: str, inputs: dict[str, torch.Ten
         dist.destroy_process_group()
 
 
-def _spawn_workers(tmp_path: Path, inputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    context = mp.start_processes(
-        _worker,
-        args=(str(tmp_path / "rendezvous"), str(tmp_path), inputs),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"2-process gloo workers did not finish within {SPAWN_TIMEOUT_S:.0f}s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    # Spawned children import this module by name; make its package root importable there.
-    import_root = Path(__file__).resolve().parents[len(__name__.split(".")) - 1]
-    sys.path.insert(0, str(import_root))
-    try:
-        inputs = _make_inputs()
-        ranks = _spawn_workers(tmp_path_factory.mktemp("gloo"), inputs)
-    finally:
-        sys.path.remove(str(import_root))
+    out = tmp_path_factory.mktemp("gloo")
+    inputs = _make_inputs()
+    args = (str(out / "rendezvous"), str(out), inputs)
+    run_workers(_worker, args, nprocs=WORLD, timeout_s=SPAWN_TIMEOUT_S)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return {"inputs": inputs, "ranks": ranks}
 
 

@@ -34,6 +34,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from process_memory import peak_rss_growth
 
 from peace_core import create_model
 from peace_core.model import PeaceModel
@@ -677,7 +678,7 @@ def test_an_odd_sample_rate_is_resampled_with_bounded_memory(model: PeaceModel) 
         clip = rng.standard_normal(rate * 2).astype(np.float32)
         samples: list[dict[str, torch.Tensor]] = []
         started = time.perf_counter()
-        growth = peak_rss_growth(lambda: samples.append(pre((clip, rate))))  # noqa: B023
+        _, growth = peak_rss_growth(lambda: samples.append(pre((clip, rate))))  # noqa: B023
         assert time.perf_counter() - started < 5.0
         assert growth < 64 * 2**20, f"{rate} Hz: the peak memory rose by {growth / 2**20:.0f} MiB"
         assert samples[0]["waveform"].shape == (16000,)  # 2 s at the tiny preset's 8 kHz
@@ -724,19 +725,3 @@ def test_lone_surrogates_are_refused_by_every_tokenizer(model: PeaceModel, token
     text_model = model if tokenizer == "bytes" else _text_models()[tokenizer]()
     with pytest.raises(TextInputError, match=r"lone surrogate '\\udfff' at position 1"):
         text_model.preprocessor("text")("a\udfffb")
-
-
-def peak_rss_growth(call: Callable[[], Any]) -> int:
-    """Bytes by which the resident set's peak rose above its level at the start while ``call()``
-    ran (Linux: writing 5 to clear_refs resets the peak, VmHWM, to the current size)."""
-
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError(f"no {field} in /proc/self/status")
-
-    Path("/proc/self/clear_refs").write_text("5")
-    start = status("VmRSS")
-    call()
-    return status("VmHWM") - start

@@ -13,15 +13,14 @@ import io
 import struct
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 from PIL import Image
+from process_memory import peak_rss_growth
 
 from peace_core import create_model
 from peace_core.model import PeaceModel
@@ -36,22 +35,6 @@ TEN_MINUTES = 600.0
 def model() -> PeaceModel:
     torch.manual_seed(0)
     return create_model("tiny").eval()
-
-
-def peak_rss_growth(call: Callable[[], Any]) -> tuple[Any, int]:
-    """``call()``'s result and how many bytes the resident set's peak rose above its level at the
-    start (Linux: writing 5 to clear_refs resets the peak, VmHWM, to the current size)."""
-
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError(f"no {field} in /proc/self/status")
-
-    Path("/proc/self/clear_refs").write_text("5")
-    start = status("VmRSS")
-    result = call()
-    return result, status("VmHWM") - start
 
 
 def _tone(seconds: float, rate: int) -> np.ndarray:

@@ -8,8 +8,6 @@ strategy objects on fixed batches; the parent compares with the same steps in on
 from __future__ import annotations
 
 import pickle
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import run_workers
+from training_helpers import MICRO_DECODER, MICRO_MODEL
 
 from peace_core import create_model
 from peace_core.checkpoint import UnsafeCheckpointError, read_checkpoint
@@ -42,21 +41,13 @@ WORLD = 2
 LOCAL_BATCH = 3
 STEPS = 2
 SPAWN_TIMEOUT_S = 240.0
+# The shared micro model with vision and text and two blocks (two FSDP block units).
 MODEL = {
-    "name": "micro",
-    "encoder": {"dim": 32, "depth": 2, "heads": 2, "ffn_dim": 64, "layer_scale_init": 0.1},
-    "modalities": {
-        "vision": {"image_size": 32},
-        "text": {
-            "vocab_size": 260,
-            "tokenizer": {"kind": "bytes"},
-            "max_positions": 66,
-            "bucket_size": 16,
-            "max_tokens": 32,
-        },
-    },
+    **MICRO_MODEL,
+    "encoder": {**MICRO_MODEL["encoder"], "depth": 2},
+    "modalities": {m: MICRO_MODEL["modalities"][m] for m in ("vision", "text")},
 }
-DECODER = {"dim": 32, "heads": 2, "ffn_dim": 64, "depth": 1, "max_positions": 128}
+DECODER = MICRO_DECODER
 #: Only the aligning contrast: its result does not depend on how masks are drawn per rank, so a
 #: world of 2 with batch b must equal one process with batch 2b (with the gradient-keeping gather).
 ALIGN_ONLY = {
@@ -170,29 +161,10 @@ def _worker(rank: int, init_file: str, out_dir: str, batch: dict[str, Any]) -> N
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    import_root = Path(__file__).resolve().parents[len(__name__.split(".")) - 1]
-    sys.path.insert(0, str(import_root))
     out = tmp_path_factory.mktemp("fsdp")
     batch = _global_batch()
-    try:
-        context = mp.start_processes(
-            _worker,
-            args=(str(out / "rendezvous"), str(out), batch),
-            nprocs=WORLD,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.terminate()
-                pytest.fail(f"2-rank workers did not finish within {SPAWN_TIMEOUT_S:.0f}s")
-    finally:
-        sys.path.remove(str(import_root))
+    args = (str(out / "rendezvous"), str(out), batch)
+    run_workers(_worker, args, nprocs=WORLD, timeout_s=SPAWN_TIMEOUT_S)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     single = _train(ALIGN_ONLY, "ddp", batch, 0, 1)
     return {"ranks": ranks, "single": single, "shards": out / "shards"}
