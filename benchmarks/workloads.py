@@ -23,6 +23,10 @@ throughput in the same run (large square matmuls, best of several); MFU is the w
 FLOPs (``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and backward)
 divided by its median time and by that measured throughput. Memory is the peak increase over the
 built model and inputs: resident set size on CPU, ``max_memory_allocated`` on CUDA.
+
+Each child sets up its process as the ``peace`` commands do: the given intra-op threads, and host
+memory kept for reuse (``peace_core.host_memory``); ``PEACE_KEEP_HOST_MEMORY=0`` measures with
+the system's malloc settings instead.
 """
 
 from __future__ import annotations
@@ -204,7 +208,10 @@ def _count_flops(run: Callable[[], None], model: Any, attention: str) -> int:
 def run_child(settings: Settings) -> dict[str, Any]:
     import torch
 
+    from peace_core.host_memory import keep_freed_host_memory
+
     torch.set_num_threads(settings.threads)
+    host_malloc = keep_freed_host_memory()
     torch.manual_seed(0)
     cuda = settings.device.startswith("cuda")
     model, run, params = _build(settings)
@@ -245,6 +252,7 @@ def run_child(settings: Settings) -> dict[str, Any]:
         "attention": settings.attention,
         "checkpointing": settings.checkpointing,
         "compile": settings.compile,
+        "host_malloc": host_malloc,
     }
 
 
@@ -397,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(run_in_fresh_process(_settings(args, size, workload)))
             results[-1]["matmul_flops_per_s"] = peak
             print(f"  {size} {workload}: {results[-1]['median_s']:.3f} s", file=sys.stderr)
+    print(f"host malloc: {results[-1]['host_malloc']}" if results else "no workloads")
     print_table(results, peak)
     if args.json:
         with open(args.json, "w") as out:

@@ -41,6 +41,9 @@ def test_a_training_step_is_timed_counted_and_written(tmp_path: Path) -> None:
     # A step holds a forward's matmuls several times over, and their backward.
     assert step["flops"] > 3 * forward["flops"] > 0
     assert "| tiny | image_text_step |" in table and "MFU" in table
+    # Children run as the commands do: host memory kept for reuse (on glibc).
+    kept_or_not_glibc = {"freed memory kept for reuse", "system default (not glibc)"}
+    assert {r["host_malloc"] for r in rows} <= kept_or_not_glibc
 
 
 def test_comparison_gives_speed_and_memory_ratios(tmp_path: Path) -> None:

@@ -575,13 +575,20 @@ def test_anchored_batch_of_three_aligns_each_with_the_anchor_and_fuses_all():
     assert {"align:text-vision", "align:text-audio", "dcl:joint:audio"} <= set(metrics)
 
 
-def test_adapter_precompute_runs_the_shared_work_once_and_changes_nothing(monkeypatch):
-    objective = PretrainObjective(tiny_model("text", "audio")).train()
-    adapter = objective.model.adapters["audio"]
+@pytest.mark.parametrize(
+    ("modality", "shared_work"),
+    [("audio", "feature_extractor"), ("text", "token_embed"), ("vision", "stem")],
+)
+def test_adapter_precompute_runs_the_shared_work_once_and_changes_nothing(
+    monkeypatch, modality, shared_work
+):
+    other = "audio" if modality == "audio" else "vision"
+    objective = PretrainObjective(tiny_model("text", other)).train()
+    adapter = objective.model.adapters[modality]
     assert callable(getattr(adapter, "precompute", None))
-    batch = {"text": text_batch(3), "audio": audio_batch(3)}
+    batch = {"text": text_batch(3), other: audio_batch(3) if other == "audio" else vision_batch(3)}
     calls = []
-    adapter.feature_extractor.register_forward_hook(lambda *_: calls.append(1))
+    getattr(adapter, shared_work).register_forward_hook(lambda *_: calls.append(1))
 
     def loss_and_grads():
         calls.clear()
@@ -599,7 +606,7 @@ def test_adapter_precompute_runs_the_shared_work_once_and_changes_nothing(monkey
     assert calls_per_view == 4  # unmasked, joint, masked single and masked joint views
     torch.testing.assert_close(shared_loss, loss, atol=1e-6, rtol=1e-6)
     assert shared_grads.keys() == grads.keys()
-    extractor = [n for n in grads if ".feature_extractor." in n]
-    assert extractor and all(grads[n].abs().sum() > 0 for n in extractor)
+    shared = [n for n in grads if f".{shared_work}." in n]
+    assert shared and all(grads[n].abs().sum() > 0 for n in shared)
     for name, grad in grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

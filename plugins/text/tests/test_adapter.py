@@ -10,6 +10,7 @@ import torch
 from peace_core.rel_pos import token_bucket_index, token_bucket_rows
 from peace_registry.contract import BuildContext
 from peace_text import TextAdapter, TextBatchError, TextOptions
+from peace_text.adapter import EMBEDDED_KEY
 
 OFFICIAL_PREFIX = "encoder_wrapper.text_adapter."
 #: official key -> our parameter name (the mapping lives in the test only)
@@ -103,6 +104,25 @@ def test_keep_gathers_embeddings_positions_and_relative_indices() -> None:
         adapter(batch, keep=torch.tensor([[0, 7], [0, 1]]))
     with pytest.raises(TextBatchError, match="keep must be"):
         adapter(batch, keep=torch.tensor([0, 1]))
+
+
+def test_precomputed_embeddings_are_used_and_checked() -> None:
+    adapter = TextAdapter(16, 2, vocab_size=50, bucket_size=4)
+    batch = _batch([[7, 8, 9, 2], [5, 6, 2]])
+    shared = adapter.precompute(batch)
+    assert shared[EMBEDDED_KEY].shape == (2, 5, 16)
+    keep = torch.tensor([[0, 2, 4], [0, 1, -1]])
+    for view in (None, keep):
+        torch.testing.assert_close(
+            adapter(shared, keep=view).tokens, adapter(batch, keep=view).tokens
+        )
+    # What forward reads is the precomputed value, not a fresh lookup.
+    marked = {**shared, EMBEDDED_KEY: torch.zeros(2, 5, 16)}
+    assert adapter(marked).tokens.abs().sum() == 0
+    with pytest.raises(
+        TextBatchError, match=r"'embedded' must be .*shape \[2, 5, 16\]; got \(2, 4, 16\)"
+    ):
+        adapter({**batch, EMBEDDED_KEY: torch.zeros(2, 4, 16)})
 
 
 def test_initialisation_follows_the_official_recipe() -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from peace_core.rel_pos import grid_bucket_index, grid_bucket_rows
 from peace_registry.contract import BuildContext
-from peace_vision.adapter import HMLPStem, VisionAdapter
+from peace_vision.adapter import EMBEDDED_KEY, HMLPStem, VisionAdapter
 from peace_vision.options import VisionOptions
 
 FIXTURE = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "one_peace_parity_a"
@@ -204,6 +204,24 @@ def test_keep_equals_full_forward_at_kept_positions() -> None:
         assert torch.equal(kept.rel_pos.index[b, : len(valid), : len(valid)], expected_index)
     assert torch.count_nonzero(kept.tokens[1, 2:]) == 0  # padded slots are zero
     assert kept.rel_pos.tables[0] is adapter.rel_pos_tables[0]
+
+
+def test_precomputed_patches_are_used_and_checked() -> None:
+    adapter = make_adapter()
+    batch = {"pixels": pixels(2)}
+    shared = adapter.precompute(batch)
+    assert shared[EMBEDDED_KEY].shape == (2, 17, DIM)
+    keep = torch.tensor([[0, 3, 16], [0, 1, -1]])
+    for view in (None, keep):
+        torch.testing.assert_close(
+            adapter(shared, keep=view).tokens, adapter(batch, keep=view).tokens
+        )
+    # What forward reads is the precomputed value, not a fresh stem pass.
+    assert adapter({**shared, EMBEDDED_KEY: torch.zeros(2, 17, DIM)}).tokens.abs().sum() == 0
+    with pytest.raises(
+        ValueError, match=r"'embedded' must be .*shape \[2, 17, 32\]; got \(2, 5, 32\)"
+    ):
+        adapter({**batch, EMBEDDED_KEY: torch.zeros(2, 5, DIM)})
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,9 @@ from peace_text.options import TextOptions
 #: Token, CLS and position embeddings: trunc-normal(0, 0.02) cut at ±0.02 (spec §2.6).
 EMBED_INIT_STD = 0.02
 
+#: The batch key under which :meth:`TextAdapter.precompute` leaves the embedded sequence.
+EMBEDDED_KEY = "embedded"
+
 
 class TextBatchError(PeaceError, ValueError):
     """A text batch that the adapter cannot read (wrong keys, shapes, dtypes or ids)."""
@@ -140,8 +143,11 @@ class TextAdapter(nn.Module):
     ) -> AdapterOutput:
         ids = self._token_ids(batch)
         size, length = ids.shape[0], ids.shape[1] + 1
-        tokens = torch.cat([self.cls_token.expand(size, 1, -1), self.token_embed(ids)], dim=1)
-        tokens = tokens + self.pos_embed.weight[:length]
+        tokens = batch.get(EMBEDDED_KEY)
+        if tokens is None:
+            tokens = self._embed(ids)
+        else:
+            self._check_embedded(tokens, size, length)
         padding = torch.cat([ids.new_zeros(size, 1, dtype=torch.bool), ids == self.pad_id], dim=1)
         index = token_bucket_index(length, self.bucket_size).to(ids.device)
         if keep is not None:
@@ -153,3 +159,24 @@ class TextAdapter(nn.Module):
             padding = padding.gather(1, safe) | (keep < 0)
             index = gather_bucket_index(index, keep)
         return AdapterOutput(tokens, padding, RelativePositions(index, list(self.rel_pos_tables)))
+
+    def precompute(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch plus its embedded sequence (API 1.4). The views of a pretraining step then
+        share one embedding lookup, so the backward builds one dense ``[vocab, D]`` gradient for
+        ``token_embed`` instead of one per view (each as large as the table itself)."""
+        return {**batch, EMBEDDED_KEY: self._embed(self._token_ids(batch))}
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[CLS; token_embed(ids)] + pos_embed(0..L)``: ``[B, L] -> [B, 1+L, D]``."""
+        size, length = ids.shape[0], ids.shape[1] + 1
+        tokens = torch.cat([self.cls_token.expand(size, 1, -1), self.token_embed(ids)], dim=1)
+        return tokens + self.pos_embed.weight[:length]
+
+    def _check_embedded(self, tokens: object, size: int, length: int) -> None:
+        expected = (size, length, self.token_embed.embedding_dim)
+        if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != expected:
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)
+            raise TextBatchError(
+                f"text batch {EMBEDDED_KEY!r} must be this adapter's precompute() output for the "
+                f"batch's tokens, shape {list(expected)}; got {got}"
+            )

@@ -20,6 +20,9 @@ from peace_vision.options import PATCH_SIZE, as_vision_options
 #: Std (and truncation bound) of the CLS token and position embeddings, as in the official init.
 EMBED_INIT_STD = 0.02
 
+#: The batch key under which :meth:`VisionAdapter.precompute` leaves the embedded patches.
+EMBEDDED_KEY = "embedded"
+
 
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a ``[B,C,H,W]`` map (computed channel-last)."""
@@ -164,17 +167,44 @@ class VisionAdapter(nn.Module):
         self, batch: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None
     ) -> AdapterOutput:
         pixels = self._check_pixels(batch)
+        tokens = batch.get(EMBEDDED_KEY)
+        if tokens is None:
+            tokens = self._embed(pixels)
+        else:
+            self._check_embedded(tokens, pixels)
+        index = self._bucket_index(pixels).to(tokens.device)
+        padding = torch.zeros(*tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if keep is not None:
+            tokens, padding, index = _gather_kept(tokens, padding, index, keep)
+        return AdapterOutput(tokens, padding, RelativePositions(index, list(self.rel_pos_tables)))
+
+    def precompute(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch plus its embedded patches (API 1.4): the stem, the adapter's only heavy
+        work, then runs once (and once backward) for all the views of a pretraining step."""
+        return {**batch, EMBEDDED_KEY: self._embed(self._check_pixels(batch))}
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B,3,H,W]`` pixels -> ``[B, 1+h*w, D]`` CLS and patch tokens plus positions."""
         patches = self.stem(pixels.to(self.pos_embed.dtype))  # [B,D,h,w]
         size, _, grid_h, grid_w = patches.shape
         tokens = torch.cat(
             [self.cls_token.expand(size, -1, -1), patches.flatten(2).transpose(1, 2)], dim=1
         )
-        tokens = tokens + self.position_embeddings(grid_h, grid_w)
-        index = grid_bucket_index(grid_h, grid_w, self.rel_bucket_size).to(tokens.device)
-        padding = torch.zeros(size, tokens.shape[1], dtype=torch.bool, device=tokens.device)
-        if keep is not None:
-            tokens, padding, index = _gather_kept(tokens, padding, index, keep)
-        return AdapterOutput(tokens, padding, RelativePositions(index, list(self.rel_pos_tables)))
+        return tokens + self.position_embeddings(grid_h, grid_w)
+
+    def _bucket_index(self, pixels: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = pixels.shape[-2] // PATCH_SIZE, pixels.shape[-1] // PATCH_SIZE
+        return grid_bucket_index(grid_h, grid_w, self.rel_bucket_size)
+
+    def _check_embedded(self, tokens: object, pixels: torch.Tensor) -> None:
+        grid = (pixels.shape[-2] // PATCH_SIZE) * (pixels.shape[-1] // PATCH_SIZE)
+        expected = (pixels.shape[0], 1 + grid, self.dim)
+        if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != expected:
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)
+            raise ValueError(
+                f"vision batch {EMBEDDED_KEY!r} must be this adapter's precompute() output for "
+                f"the batch's pixels, shape {list(expected)}; got {got}"
+            )
 
 
 def _gather_kept(
