@@ -3,9 +3,10 @@
 The workloads (batch 8 by default) are those of ONE-PEACE's own use: the text, image and audio
 forwards of retrieval, the fused image+text forward, and the image-text and audio-text pretraining
 steps (the full objective: unmasked passes, the joint target pass, masked students, the decoder,
-both contrasts, then the backward; no optimizer step). Inputs: 70 text ids (the official maximum,
-EOS included), 256-px images (256 patches + CLS), 5 s clips at 16 kHz through the official
-512-channel audio extractor.
+both contrasts, then the backward; no optimizer step; ONE-PEACE's stage-1 loss for image-text,
+its stage-2 loss for audio-text, every parameter training). Inputs: 70 text ids (the official
+maximum, EOS included), 256-px images (256 patches + CLS), 5 s clips at 16 kHz through the
+official 512-channel audio extractor.
 
     python benchmarks/workloads.py                              # small and base, all six, CPU fp32
     python benchmarks/workloads.py --sizes base --workloads image_text_step --checkpointing blocks
@@ -137,7 +138,7 @@ def _build(settings: Settings) -> tuple[Any, Callable[[], None], int]:
     import torch
 
     from peace_core import create_model
-    from peace_core.pretrain.objective import PretrainObjective
+    from peace_core.pretrain.objective import LossWeights, ObjectiveConfig, PretrainObjective
 
     device = torch.device(settings.device)
     checkpointing = settings.checkpointing
@@ -174,7 +175,13 @@ def _build(settings: Settings) -> tuple[Any, Callable[[], None], int]:
         return model, run, sum(p.numel() for p in model.parameters())
 
     other = {"image_text_step": "vision", "audio_text_step": "audio"}[name]
-    objective = PretrainObjective(model).train()
+    # Each step's loss is ONE-PEACE's for that pair: stage 1 for image-text, stage 2 for
+    # audio-text (no text-only view; the audio view's targets from the joint pass). Every
+    # parameter trains in both (no freezing), so the text side still takes gradients.
+    config = ObjectiveConfig()
+    if other == "audio":
+        config = ObjectiveConfig(weights=LossWeights.stage2(), single_targets_from_joint=["audio"])
+    objective = PretrainObjective(model, config).train()
     sub = {"text": batch["text"], other: batch[other]}
     generator = torch.Generator().manual_seed(0)
 
