@@ -6,10 +6,10 @@ shards parameters, gradients and optimizer state over the ranks with FSDP2 (``fu
 one unit per fusion block, one per adapter, one for the rest of the model (projections, final
 norms) and one for the objective's decoder, so a rank holds 1/world of the model between uses;
 each block's unit is gathered just before it runs and freed after (the small adapter and model
-units stay gathered from their forward to their backward). On GPU the parameters are gathered in
-the run's autocast dtype (bf16 compute) and gradients are reduced in fp32. ``cpu_offload`` keeps
-the shards and optimizer state in host memory. Activation checkpointing per block is
-``grad_checkpointing`` for both.
+units stay gathered from their forward to the end of the step's backward). On GPU the parameters
+are gathered in the run's autocast dtype (bf16 compute) and gradients are reduced in fp32.
+``cpu_offload`` keeps the shards and optimizer state in host memory. Activation checkpointing
+per block is ``grad_checkpointing`` for both.
 
 Scalar parameters (the contrast's ``logit_scale``) cannot be sharded: FSDP leaves them
 replicated and their gradients are averaged over ranks here, as DDP does. Under FSDP every rank
@@ -122,6 +122,7 @@ class FullyShardedStrategy(TrainingStrategy):
             )
         self.config = config
         self._replicated: list[nn.Parameter] = []
+        self._gathered_units: list[nn.Module] = []
 
     @property
     def name(self) -> str:
@@ -165,6 +166,16 @@ class FullyShardedStrategy(TrainingStrategy):
         # The model is a unit of its own (projections, final norms), so that it can be called
         # directly, e.g. to embed with the live model; the root keeps the decoder.
         fully_shard(model, **kept)
+        # A precomputed tensor in a view's batch is an input that takes gradients, so FSDP runs
+        # the post-backward of the units it passes through (the adapter, the model) as soon as
+        # that view's backward reaches it, while other views and precompute's own backward (a
+        # conv stem's weights) still need their parameters. These small units therefore stay
+        # gathered after the backward too; their gradients are reduced as they come (FSDP adds
+        # the partial reductions up), and finish_gradients reshards them before the optimizer
+        # updates the shards (so the next step gathers the new weights).
+        self._gathered_units = [*model.adapters.values(), model]
+        for unit in self._gathered_units:
+            unit.set_reshard_after_backward(False, recurse=False)
         fully_shard(objective, **options)
 
     def wrap(self, objective: PretrainObjective, *, find_unused_parameters: bool) -> nn.Module:
@@ -174,6 +185,8 @@ class FullyShardedStrategy(TrainingStrategy):
         return _gradient_sync(wrapped, sync)
 
     def finish_gradients(self, objective: PretrainObjective) -> None:
+        for unit in self._gathered_units:
+            unit.reshard()
         world = self.context.world_size
         for parameter in self._replicated:
             if parameter.grad is not None:
