@@ -13,7 +13,6 @@ import itertools
 import re
 import textwrap
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from peace_registry import (
     ComponentOutputError,
     Registry,
 )
-from peace_registry.testing import discover_in, on_sys_path, write_plugin_distribution
+from peace_registry.testing import discover_in, write_plugin_distribution
 
 _counter = itertools.count()
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
@@ -139,14 +138,6 @@ def add_plugin(root: Path, name: str, fault: str = "", *, modality: str | None =
         entry_points={name: f"{module}:plugin"},
         files={f"{module}.py": body},
     )
-
-
-@pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.delenv("PEACE_STRICT_PLUGINS", raising=False)
-    monkeypatch.delenv("PEACE_DISABLE_PLUGINS", raising=False)
-    with on_sys_path(tmp_path / "site") as path:
-        yield path
 
 
 def registry_of(root: Path, *faults: str) -> Registry:

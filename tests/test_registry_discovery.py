@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from peace_registry import (
     Registry,
     get_registry,
 )
-from peace_registry.testing import discover_in, on_sys_path, write_plugin_distribution
+from peace_registry.testing import discover_in, write_plugin_distribution
 
 _counter = itertools.count()
 
@@ -54,15 +53,6 @@ def add_plugin(root: Path, dist: str, body: str, *, name: str, version: str = "0
 
 def toy(modality: str, api: str = "1.0") -> str:
     return TOY_PLUGIN.format(api=api, modality=modality)
-
-
-@pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A directory on sys.path for throwaway distributions; non-strict unless a test says so."""
-    monkeypatch.delenv("PEACE_STRICT_PLUGINS", raising=False)
-    monkeypatch.delenv("PEACE_DISABLE_PLUGINS", raising=False)
-    with on_sys_path(tmp_path / "site") as path:
-        yield path
 
 
 def load(root: Path, **kwargs: object) -> tuple[Registry, list[warnings.WarningMessage]]:
