@@ -25,9 +25,10 @@ FLOPs (``torch.utils.flop_counter``: matmuls, convolutions and attention, forwar
 divided by its median time and by that measured throughput. Memory is the peak increase over the
 built model and inputs: resident set size on CPU, ``max_memory_allocated`` on CUDA.
 
-Each child sets up its process as the ``peace`` commands do: the given intra-op threads, and host
-memory kept for reuse (``peace_core.host_memory``); ``PEACE_KEEP_HOST_MEMORY=0`` measures with
-the system's malloc settings instead.
+Each child sets up its process as the ``peace`` commands do: the given intra-op threads, host
+memory kept for reuse (``peace_core.host_memory``) and the fp32 CPU GEMM library
+(``peace_core.gemm``); ``PEACE_KEEP_HOST_MEMORY=0`` measures with the system's malloc settings,
+``PEACE_CPU_GEMM=blas`` with torch's BLAS for every matmul.
 """
 
 from __future__ import annotations
@@ -215,10 +216,12 @@ def _count_flops(run: Callable[[], None], model: Any, attention: str) -> int:
 def run_child(settings: Settings) -> dict[str, Any]:
     import torch
 
+    from peace_core.gemm import cpu_gemm
     from peace_core.host_memory import keep_freed_host_memory
 
     torch.set_num_threads(settings.threads)
     host_malloc = keep_freed_host_memory()
+    gemm = cpu_gemm() if settings.device == "cpu" else "torch"
     torch.manual_seed(0)
     cuda = settings.device.startswith("cuda")
     model, run, params = _build(settings)
@@ -260,6 +263,7 @@ def run_child(settings: Settings) -> dict[str, Any]:
         "checkpointing": settings.checkpointing,
         "compile": settings.compile,
         "host_malloc": host_malloc,
+        "cpu_gemm": gemm,
     }
 
 
@@ -267,23 +271,32 @@ def run_child(settings: Settings) -> dict[str, Any]:
 
 
 def matmul_throughput(device: str, dtype: str, threads: int, size: int = 2048) -> float:
-    """Best measured FLOP/s of a square matmul on ``device`` in ``dtype`` (the MFU denominator)."""
+    """Best measured FLOP/s of a square matmul on ``device`` in ``dtype`` (the MFU denominator):
+    on CPU the better of torch's BLAS and oneDNN (``peace_core.gemm``), so MFU is against the
+    fastest library here, not the one the workloads happen to use."""
     import torch
+
+    from peace_core import gemm
 
     torch.set_num_threads(threads)
     torch_dtype = _torch_dtype(dtype)
     a = torch.randn(size, size, device=device, dtype=torch_dtype)
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    kernels: list[Callable[[], Any]] = [lambda: a @ b]
+    if device == "cpu" and dtype == "fp32" and gemm.onednn_available():
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    repeats = 4 if device.startswith("cuda") else 1
     best = float("inf")
     for _ in range(6):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(4 if device.startswith("cuda") else 1):
-            a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / (4 if device.startswith("cuda") else 1))
+        for kernel in kernels:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                kernel()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - start) / repeats)
     return 2 * size**3 / best
 
 

@@ -45,15 +45,23 @@ def attend(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention over unscaled ``q, k, v`` ``[B,H,N,Dh]`` with an additive ``bias``.
+    """Attention of unscaled queries ``q`` ``[B,H,Nq,Dh]`` over ``k, v`` ``[B,H,N,Dh]`` with an
+    additive ``bias`` broadcastable to ``[B,H,Nq,N]`` (``Nq`` may be fewer than ``N``: only some
+    positions' outputs wanted).
 
-    Returns ``[B,H,N,Dh]``. ``backend`` must be concrete (``math``, ``sdpa`` or ``xformers``);
+    Returns ``[B,H,Nq,Dh]``. ``backend`` must be concrete (``math``, ``sdpa`` or ``xformers``);
     see :func:`resolve_backend`. ``scale`` defaults to ``Dh ** -0.5``.
     """
-    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+    if (
+        q.ndim != 4
+        or k.ndim != 4
+        or k.shape[:2] != q.shape[:2]
+        or k.shape[-1] != q.shape[-1]
+        or v.shape[:3] != k.shape[:3]
+    ):
         raise ValueError(
-            "attend: expected q, k, v of shape [B,H,N,Dh] with matching B, H, N; got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            "attend: expected q [B,H,Nq,Dh] and k, v [B,H,N,Dh] with matching B, H, Dh (and N "
+            f"for k, v); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if bias is not None and (bias.ndim != 4 or not bias.is_floating_point()):
         raise ValueError(
@@ -93,10 +101,10 @@ def _attend_xformers(
 ) -> torch.Tensor:
     import xformers.ops as xops  # imported here: xformers has no CPU kernels
 
-    batch, heads, length, _ = q.shape
+    batch, heads, queries, _ = q.shape
     aligned_bias = None
     if bias is not None:
-        aligned_bias = _aligned_bias(bias.to(q.dtype), batch, heads, length)
+        aligned_bias = _aligned_bias(bias.to(q.dtype), batch, heads, queries, k.shape[2])
     to_bnhd = "b h n d -> b n h d"  # xformers' layout; last-dim-contiguous views are accepted
     out = xops.memory_efficient_attention(
         rearrange(q, to_bnhd),
@@ -108,11 +116,13 @@ def _attend_xformers(
     return rearrange(out, "b n h d -> b h n d")
 
 
-def _aligned_bias(bias: torch.Tensor, batch: int, heads: int, length: int) -> torch.Tensor:
-    """``bias`` expanded to ``[B,H,N,N]``, stored with rows padded to the kernel's alignment."""
+def _aligned_bias(
+    bias: torch.Tensor, batch: int, heads: int, queries: int, length: int
+) -> torch.Tensor:
+    """``bias`` expanded to ``[B,H,Nq,N]``, stored with rows padded to the kernel's alignment."""
     padded = -(-length // _XFORMERS_BIAS_ALIGNMENT) * _XFORMERS_BIAS_ALIGNMENT
-    full = bias.expand(batch, heads, length, length)
-    # F.pad allocates a fresh contiguous [B,H,N,padded] tensor; slicing keeps its aligned strides.
+    full = bias.expand(batch, heads, queries, length)
+    # F.pad allocates a fresh contiguous [B,H,Nq,padded] tensor; slicing keeps aligned strides.
     return F.pad(full, (0, padded - length))[..., :length]
 
 

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from peace_core.attention import BACKEND_NAMES, attend, resolve_backend
 from peace_core.config import EncoderConfig
+from peace_core.gemm import Linear
 from peace_core.init import init_fusion_weights
 from peace_core.layers import DropPath, LayerScale, normed_linears
 from peace_registry.contract import AdapterOutput, RelativePositions, check_modality_name
@@ -82,23 +83,33 @@ class SharedAttention(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.heads = heads
         self.backend = backend
-        self.q_proj = nn.Linear(dim, dim, bias=True, **factory)
-        self.k_proj = nn.Linear(dim, dim, bias=False, **factory)
-        self.v_proj = nn.Linear(dim, dim, bias=True, **factory)
+        self.q_proj = Linear(dim, dim, bias=True, **factory)
+        self.k_proj = Linear(dim, dim, bias=False, **factory)
+        self.v_proj = Linear(dim, dim, bias=True, **factory)
         self.inner_norm = nn.LayerNorm(dim, eps=eps, **factory)
-        self.out_proj = nn.Linear(dim, dim, bias=True, **factory)
+        self.out_proj = Linear(dim, dim, bias=True, **factory)
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None, *, norm: nn.LayerNorm | None = None
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        norm: nn.LayerNorm | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend over ``x``, or over ``norm(x)`` when the block hands its pre-norm over (then
-        neither the normalised copy nor the merged heads are kept for the backward)."""
+        neither the normalised copy nor the merged heads are kept for the backward).
+
+        ``queries`` ``[B,Q,D]`` (rows of ``x``, same norm) attend instead of every row of ``x``:
+        the output is then ``[B,Q,D]`` and ``bias`` broadcastable to ``[B,H,Q,N]``.
+        """
         split_heads = "b n (h d) -> b h n d"
         projections = [self.q_proj, self.k_proj, self.v_proj]
-        if norm is None:
-            q, k, v = (linear(x) for linear in projections)
+        if queries is None:
+            q, k, v = _project(x, norm, projections)
         else:
-            q, k, v = normed_linears(x, norm, projections)
+            (q,) = _project(queries, norm, projections[:1])
+            k, v = _project(x, norm, projections[1:])
         q, k, v = (rearrange(t, split_heads, h=self.heads) for t in (q, k, v))
         backend = resolve_backend(self.backend, q.device, q.dtype)
         (out,) = normed_linears(
@@ -108,6 +119,93 @@ class SharedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, backend={self.backend!r}"
+
+
+def _project(
+    x: torch.Tensor, norm: nn.LayerNorm | None, linears: Sequence[nn.Linear]
+) -> tuple[torch.Tensor, ...]:
+    if norm is None:
+        return tuple(linear(x) for linear in linears)
+    return normed_linears(x, norm, linears)
+
+
+@dataclass
+class Rows:
+    """Some rows of a joint sequence: the only ones the last block computes.
+
+    ``index`` ``[B,Q]`` long: positions in the joint sequence, each segment's rows together and
+    in segment order (``routes`` gives each segment's count); ``valid`` ``[B,Q]``: False where a
+    row only pads a sample with fewer wanted rows (it repeats a wanted position and its output
+    is dropped); ``lengths``: each segment's full length. Built by :meth:`from_masks`.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    routes: Routes
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def from_masks(cls, segments: Sequence[Segment], wanted: Sequence[torch.Tensor | None]) -> Rows:
+        """The rows where ``wanted[i]`` (``[B,N_i]`` bool, None = every row) is True."""
+        if len(wanted) != len(segments):
+            raise ValueError(
+                f"FusionEncoder: output_rows has {len(wanted)} entries for {len(segments)} segments"
+            )
+        indices, valids, routes, offset = [], [], [], 0
+        for segment, mask in zip(segments, wanted):
+            size, length = segment.padding_mask.shape
+            device = segment.tokens.device
+            if mask is None:
+                mask = torch.ones(size, length, dtype=torch.bool, device=device)
+            if mask.dtype != torch.bool or tuple(mask.shape) != (size, length):
+                raise ValueError(
+                    f"FusionEncoder: output_rows for segment {segment.modality!r} must be bool "
+                    f"[{size},{length}], got {mask.dtype} {tuple(mask.shape)}"
+                )
+            mask = mask.to(device)
+            # Wanted positions first, in order. At least one row per segment keeps every
+            # segment's FFN in the graph.
+            count = max(int(mask.sum(dim=1).max()) if size else 0, 1)
+            positions = torch.arange(length, device=device).expand(size, length)
+            order = torch.where(mask, positions, positions + length).sort(dim=1).values[:, :count]
+            valid = order < length
+            indices.append(order.masked_fill(~valid, 0) + offset)
+            valids.append(valid)
+            routes.append((segment.modality, count))
+            offset += length
+        lengths = tuple(segment.padding_mask.shape[1] for segment in segments)
+        return cls(torch.cat(indices, dim=1), torch.cat(valids, dim=1), tuple(routes), lengths)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B,T,D] -> [B,Q,D]``."""
+        return torch.gather(x, 1, self.index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def gather_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The selected queries' bias rows: ``[b,H,T,T] -> [B,H,Q,T]``."""
+        if bias is None or bias.shape[2] == 1:  # no bias, or one row for every query
+            return bias
+        bias = bias.expand(self.index.shape[0], -1, -1, -1)
+        index = self.index[:, None, :, None].expand(-1, bias.shape[1], -1, bias.shape[3])
+        return torch.gather(bias, 2, index)
+
+    def scatter(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[B,Q,D]`` rows to per-segment ``[B,N_i,D]`` tensors, zero at every other position."""
+        width = x.shape[-1]
+        counts = [count for _, count in self.routes]
+        out, offset = [], 0
+        parts = zip(
+            torch.split(x, counts, dim=1),
+            self.index.split(counts, dim=1),
+            self.valid.split(counts, dim=1),
+            self.lengths,
+        )
+        for part, index, valid, length in parts:
+            # Padding rows land in one extra column that is dropped.
+            local = (index - offset).masked_fill(~valid, length)
+            full = x.new_zeros(x.shape[0], length + 1, width)
+            out.append(full.scatter(1, local[..., None].expand(-1, -1, width), part)[:, :length])
+            offset += length
+        return out
 
 
 class FusionBlock(nn.Module):
@@ -138,9 +236,22 @@ class FusionBlock(nn.Module):
         self.ffn_scale = _layer_scale(dim, layer_scale_init, **factory)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, routes: Routes) -> torch.Tensor:
-        x = x + self.drop_path(self.attn_scale(self.attn(x, bias, norm=self.attn_norm)))
-        return x + self.drop_path(self.ffn_scale(self._route_ffns(self.ffn_norm(x), routes)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        routes: Routes,
+        rows: Rows | None = None,
+    ) -> torch.Tensor:
+        """``[B,T,D] -> [B,T,D]``; with ``rows`` only those rows' outputs, ``[B,Q,D]`` (every
+        row of ``x`` is still attended to)."""
+        if rows is None:
+            x = x + self.drop_path(self.attn_scale(self.attn(x, bias, norm=self.attn_norm)))
+            return x + self.drop_path(self.ffn_scale(self._route_ffns(self.ffn_norm(x), routes)))
+        queries = rows.gather(x)
+        attended = self.attn(x, rows.gather_bias(bias), norm=self.attn_norm, queries=queries)
+        y = queries + self.drop_path(self.attn_scale(attended))
+        return y + self.drop_path(self.ffn_scale(self._route_ffns(self.ffn_norm(y), rows.routes)))
 
     def _route_ffns(self, h: torch.Tensor, routes: Routes) -> torch.Tensor:
         lengths = [length for _, length in routes]
@@ -222,13 +333,27 @@ class FusionEncoder(nn.Module):
         *,
         return_layer_states: bool = False,
         mask_padding: bool = True,
+        output_rows: Sequence[torch.Tensor | None] | None = None,
+        first_rows_grad_only: bool = False,
     ) -> FusionOutput:
         """Encode the joint sequence of ``segments``.
 
         ``mask_padding=False`` lets every query attend padded keys (the official pretraining
         decoder does this); padded input positions are zeroed before block 0 either way.
+
+        Two ways to skip work in the last block when not every output is needed (the outputs
+        that are returned are the same as without them, to float rounding):
+
+        * ``output_rows``: per segment a ``[B,N_i]`` bool mask (None = all) of the positions
+          whose hidden states are wanted; the last block computes only those, and every other
+          position of ``hidden`` is 0.
+        * ``first_rows_grad_only``: every hidden state is computed, but only each segment's
+          first position (its CLS) carries a gradient; the last block's other rows are computed
+          without one, which saves their backward (for passes whose other states are targets).
         """
         self._check_segments(segments)
+        if output_rows is not None and first_rows_grad_only:
+            raise ValueError("FusionEncoder: give output_rows or first_rows_grad_only, not both")
         routes: Routes = tuple((s.modality, s.tokens.shape[1]) for s in segments)
         x = torch.cat([s.tokens for s in segments], dim=1)
         padding = torch.cat([s.padding_mask for s in segments], dim=1)
@@ -244,21 +369,32 @@ class FusionEncoder(nn.Module):
         if not per_layer:
             shared_bias = build_attention_bias(segments, 0, heads=heads, mask_padding=mask_padding)
 
+        rows = None if output_rows is None else Rows.from_masks(segments, output_rows)
+        first_only = first_rows_grad_only and torch.is_grad_enabled()
         use_checkpointing = self.config.grad_checkpointing and self.training
         states: list[torch.Tensor] = []
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             bias = shared_bias
             if per_layer:
                 bias = build_attention_bias(segments, layer, heads=heads, mask_padding=mask_padding)
-            if use_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, bias, routes, use_reentrant=False)
+            block_rows = rows if layer == last else None
+            if layer == last and first_only:
+                x = _last_block_first_rows_grad(block, x, bias, routes, segments)
+            elif use_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, bias, routes, block_rows, use_reentrant=False)
             else:
-                x = block(x, bias, routes)
-            if return_layer_states:
+                x = block(x, bias, routes, block_rows)
+            if return_layer_states and (layer < last or rows is None):
                 states.append(x)
 
-        parts = torch.split(x, [length for _, length in routes], dim=1)
-        hidden = [self.final_norms[s.modality](part) for s, part in zip(segments, parts)]
+        if rows is not None:
+            parts = torch.split(x, [count for _, count in rows.routes], dim=1)
+            normed = [self.final_norms[s.modality](part) for s, part in zip(segments, parts)]
+            hidden = rows.scatter(torch.cat(normed, dim=1))
+        else:
+            parts = torch.split(x, [length for _, length in routes], dim=1)
+            hidden = [self.final_norms[s.modality](part) for s, part in zip(segments, parts)]
         return FusionOutput(
             hidden=hidden,
             padding_mask=[s.padding_mask for s in segments],
@@ -298,6 +434,28 @@ class FusionEncoder(nn.Module):
                         f"{where}: expected 1 shared or {self.config.depth} per-layer "
                         f"relative-position tables, got {count}"
                     )
+
+
+def _last_block_first_rows_grad(
+    block: FusionBlock,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    routes: Routes,
+    segments: Sequence[Segment],
+) -> torch.Tensor:
+    """``block(x)`` whose rows carry no gradient except each segment's first (its CLS)."""
+    firsts = [
+        F.pad(torch.ones_like(s.padding_mask[:, :1]), (0, s.padding_mask.shape[1] - 1))
+        for s in segments
+    ]
+    rows = Rows.from_masks(segments, firsts)
+    # The no-grad pass must draw the same stochastic-depth masks as the gradient pass.
+    devices = [x.device] if x.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=x.device.type), torch.no_grad():
+        full = block(x, bias, routes)
+    first_rows = block(x, bias, routes, rows)  # [B, segments, D], with gradient
+    index = rows.index[..., None].expand(-1, -1, full.shape[-1])
+    return full.scatter(1, index, first_rows)
 
 
 def build_attention_bias(

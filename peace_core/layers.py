@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peace_core.gemm import Linear, input_grad, linear_no_grad, weight_grad
+
 
 class GeGLUFFN(nn.Module):
     """Gated-GELU feed-forward with a Sub-LayerNorm on the inner width (spec §2.1).
@@ -28,10 +30,10 @@ class GeGLUFFN(nn.Module):
         if dim <= 0 or ffn_dim <= 0:
             raise ValueError(f"GeGLUFFN: dim and ffn_dim must be positive, got {dim}, {ffn_dim}")
         factory = {"device": device, "dtype": dtype}
-        self.wi_0 = nn.Linear(dim, ffn_dim, bias=False, **factory)
-        self.wi_1 = nn.Linear(dim, ffn_dim, bias=False, **factory)
+        self.wi_0 = Linear(dim, ffn_dim, bias=False, **factory)
+        self.wi_1 = Linear(dim, ffn_dim, bias=False, **factory)
         self.norm = nn.LayerNorm(ffn_dim, eps=eps, **factory)
-        self.wo = nn.Linear(ffn_dim, dim, bias=True, **factory)
+        self.wo = Linear(ffn_dim, dim, bias=True, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.wi_0(x), self.wi_1(x)
@@ -66,7 +68,7 @@ class _GatedNormProjection(torch.autograd.Function):
         ctx.eps = eps
         ctx.save_for_backward(gate, value, norm_weight, norm_bias, out_weight)
         inner = F.layer_norm(F.gelu(gate) * value, gate.shape[-1:], norm_weight, norm_bias, eps)
-        return F.linear(inner, out_weight, out_bias)
+        return linear_no_grad(inner, out_weight, out_bias)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
@@ -81,12 +83,12 @@ class _GatedNormProjection(torch.autograd.Function):
             inner = F.layer_norm(
                 F.gelu(leaves[0]) * leaves[1], gate.shape[-1:], leaves[2], leaves[3], ctx.eps
             )
-            grad_inner = torch.matmul(grad_output, out_weight)
+            grad_inner = input_grad(grad_output, out_weight)
             flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
             grad_out_weight = grad_out_bias = None
             if needs[5]:
-                grad_out_weight = torch.matmul(
-                    flat_grad.t(), inner.detach().reshape(-1, inner.shape[-1])
+                grad_out_weight = weight_grad(
+                    flat_grad, inner.detach().reshape(-1, inner.shape[-1])
                 )
         if needs[6]:
             grad_out_bias = flat_grad.sum(0)
@@ -138,7 +140,7 @@ class _NormedLinears(torch.autograd.Function):
         ctx.save_for_backward(x, norm_weight, norm_bias, *weights)
         h = _merge_heads(x) if merge_heads else x
         h = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
-        return tuple(F.linear(h, w, b) for w, b in zip(weights, params[1::2]))
+        return tuple(linear_no_grad(h, w, b) for w, b in zip(weights, params[1::2]))
 
     @staticmethod
     def backward(ctx, *grad_outputs):  # type: ignore[override]
@@ -163,9 +165,9 @@ class _NormedLinears(torch.autograd.Function):
                     continue
                 # One flat (contiguous) copy of the gradient serves both matmuls as 2-D GEMMs.
                 flat_grad = grad.reshape(-1, grad.shape[-1])
-                part = torch.matmul(flat_grad, weight)
+                part = input_grad(flat_grad, weight)
                 grad_h = part if grad_h is None else grad_h.add_(part)
-                grad_weight = torch.matmul(flat_grad.t(), flat_h) if need_weight else None
+                grad_weight = weight_grad(flat_grad, flat_h) if need_weight else None
                 grad_bias = flat_grad.sum(0) if need_bias and ctx.has_bias[i] else None
                 param_grads += [grad_weight, grad_bias]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]

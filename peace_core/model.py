@@ -23,6 +23,7 @@ from torch import nn
 
 from peace_core.config import ModelConfig
 from peace_core.encoder import FusionEncoder, Segment
+from peace_core.gemm import Linear
 from peace_core.init import init_fusion_weights
 from peace_core.layers import GeGLUFFN
 from peace_registry import BuildContext, Masker, ModalitySpec, Registry, get_registry
@@ -97,8 +98,9 @@ class Branch(nn.Module):
         *,
         joint: bool | None = None,
         keep: Mapping[str, torch.Tensor] | None = None,
+        hidden_grad: bool = True,
     ) -> dict[str, ModalityOutput]:
-        return _run(self, batch, joint=joint, keep=keep)
+        return _run(self, batch, joint=joint, keep=keep, hidden_grad=hidden_grad)
 
 
 def embed(projections: nn.ModuleDict, modality: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,6 +114,7 @@ def _run(
     *,
     joint: bool | None,
     keep: Mapping[str, torch.Tensor] | None,
+    hidden_grad: bool = True,
 ) -> dict[str, ModalityOutput]:
     """The forward of a branch or a whole model: adapters -> fusion encoder -> embeddings.
 
@@ -160,9 +163,11 @@ def _run(
                     tokens.new_zeros(tokens.shape), segment.padding_mask, empty
                 )
             continue
-        output = owner.encoder(segments)
+        output = owner.encoder(segments, first_rows_grad_only=not hidden_grad)
         for name, hidden, mask in zip(names, output.hidden, output.padding_mask):
             embedding = embed(owner.projections, name, hidden)
+            if not hidden_grad:
+                hidden = hidden.detach()
             evaluating = check_finite and not owner.adapters[name].training
             if evaluating and not hidden.is_meta and not _all_finite(hidden, embedding):
                 raise _non_finite_error(owner, name, batch, segments)
@@ -379,7 +384,7 @@ class PeaceModel(nn.Module):
             dtype=dtype,
         )
         self.projections = nn.ModuleDict(
-            {name: nn.Linear(enc.dim, enc.dim, device=device, dtype=dtype) for name in contexts}
+            {name: Linear(enc.dim, enc.dim, device=device, dtype=dtype) for name in contexts}
         )
         init_fusion_weights(self.projections, enc.init)
         self.logit_scale = nn.Parameter(
@@ -480,10 +485,15 @@ class PeaceModel(nn.Module):
         *,
         joint: bool | None = None,
         keep: Mapping[str, torch.Tensor] | None = None,
+        hidden_grad: bool = True,
     ) -> dict[str, ModalityOutput]:
         """Encode ``{modality: collated batch}``; several modalities run fused (``joint``, the
-        default for more than one) in the order ``batch`` lists them, or each alone."""
-        return _run(self, batch, joint=joint, keep=keep)
+        default for more than one) in the order ``batch`` lists them, or each alone.
+
+        ``hidden_grad=False``: only the embeddings carry a gradient and the hidden states come
+        back detached (e.g. as targets), which spares the last block's backward over every
+        position but CLS; the values are the same."""
+        return _run(self, batch, joint=joint, keep=keep, hidden_grad=hidden_grad)
 
     def _check_modality(self, modality: str) -> None:
         if modality not in self.options:

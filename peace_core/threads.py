@@ -31,11 +31,13 @@ class ThreadPlan:
     source: str
 
     def describe(self) -> str:
+        from peace_core.gemm import describe_cpu_gemm  # imports torch: only when describing
+
         workers = f"{self.data_workers} data worker{'s' if self.data_workers != 1 else ''}"
         return (
             f"threads: {self.intra_op} torch intra-op, {workers}, on {self.cpus} CPU(s) for this "
             f"process ({self.source}; --threads or {THREADS_ENV_VAR} to change); host malloc: "
-            f"{host_memory_policy()}"
+            f"{host_memory_policy()}; fp32 CPU GEMM: {describe_cpu_gemm()}"
         )
 
 
@@ -98,9 +100,13 @@ def plan_threads(
 
 
 def apply_threads(plan: ThreadPlan) -> None:
-    """Set torch's intra-op thread count for this process, and keep its freed host memory for
-    reuse (:mod:`peace_core.host_memory`): both set how fast the same work runs on a CPU."""
+    """Set torch's intra-op thread count for this process, keep its freed host memory for reuse
+    (:mod:`peace_core.host_memory`) and settle its fp32 GEMM library (:mod:`peace_core.gemm`):
+    all three set how fast the same work runs on a CPU."""
     import torch
+
+    from peace_core.gemm import cpu_gemm
 
     torch.set_num_threads(plan.intra_op)
     keep_freed_host_memory()
+    cpu_gemm()

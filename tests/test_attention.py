@@ -105,7 +105,7 @@ def test_padded_keys_do_not_influence_the_output() -> None:
 
 def test_aligned_bias_layout_values_and_gradient() -> None:
     bias = torch.randn(1, 3, 11, 11, requires_grad=True)
-    aligned = attention._aligned_bias(bias, 2, 3, 11)
+    aligned = attention._aligned_bias(bias, 2, 3, 11, 11)
     assert aligned.shape == (2, 3, 11, 11)
     assert aligned.stride(-1) == 1
     assert all(aligned.stride(d) % 8 == 0 for d in range(3))
@@ -114,12 +114,25 @@ def test_aligned_bias_layout_values_and_gradient() -> None:
     assert torch.equal(bias.grad, torch.full_like(bias, 2.0))  # summed over the expanded batch
 
 
+def test_fewer_queries_attend_every_key_as_the_full_attention_does() -> None:
+    q, k, v, bias = _inputs()
+    rows = torch.tensor([0, 4, 7])
+    full = attend(q, k, v, bias, "math")
+    for backend in ("math", "sdpa"):
+        some = attend(q[:, :, rows], k, v, bias[:, :, rows], backend)
+        torch.testing.assert_close(some, full[:, :, rows], rtol=1e-5, atol=1e-5)
+    aligned = attention._aligned_bias(torch.randn(1, 3, 1, 11), 2, 3, 4, 11)
+    assert aligned.shape == (2, 3, 4, 11) and aligned.stride(2) % 8 == 0
+
+
 def test_attend_errors_name_the_problem() -> None:
     q, k, v, bias = _inputs()
     with pytest.raises(ValueError, match="unknown backend 'flash'"):
         attend(q, k, v, bias, "flash")
-    with pytest.raises(ValueError, match=r"\[B,H,N,Dh\]"):
+    with pytest.raises(ValueError, match=r"q \[B,H,Nq,Dh\] and k, v \[B,H,N,Dh\]"):
         attend(q[0], k[0], v[0], None, "math")
+    with pytest.raises(ValueError, match="matching B, H, Dh"):
+        attend(q, k[:, :, :5], v, None, "math")
     with pytest.raises(ValueError, match="float tensor"):
         attend(q, k, v, torch.zeros(2, 3, 11, 11, dtype=torch.bool), "math")
 

@@ -429,6 +429,82 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(results[1][1][name], grad, msg=name)
 
 
+def _pass(encoder, tables, read, *, grad_checkpointing=False, **options):
+    """One seeded forward of a padded text+vision pair with per-layer tables; ``read(hidden)``
+    is the loss. Returns the hidden states and every gradient (parameters, tables, tokens)."""
+    encoder.zero_grad(set_to_none=True)
+    encoder.config = encoder.config.model_copy(update={"grad_checkpointing": grad_checkpointing})
+    for table in tables:
+        table.weight.grad = None
+    segments = [
+        segment("text", 5, padded=2, tables=tables[:2], requires_grad=True),
+        segment("vision", 7, padded=1, seed=1, tables=tables[2:], requires_grad=True),
+    ]
+    torch.manual_seed(7)  # the same drop-path draws in every pass
+    hidden = encoder(segments, **options).hidden
+    read(hidden).backward()
+    grads = {name: p.grad for name, p in encoder.named_parameters() if p.grad is not None}
+    grads |= {f"table{i}": t.weight.grad for i, t in enumerate(tables)}
+    grads |= {f"tokens{i}": s.tokens.grad for i, s in enumerate(segments)}
+    return [h.detach() for h in hidden], grads
+
+
+def _assert_same(got, want) -> None:
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert_close_to_scale(got[name], grad, 1e-5, name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_output_rows_compute_only_the_wanted_rows_with_the_same_values_and_gradients(
+    checkpointing: bool,
+) -> None:
+    encoder = make_encoder(depth=2, drop_path=0.3).train()
+    tables = random_tables(4)
+    wanted = [
+        torch.tensor([[0, 1, 0, 1, 1], [0, 0, 1, 0, 0]], dtype=torch.bool),
+        torch.tensor([[0, 0, 0, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool),
+    ]
+    weights = [torch.randn(2, n, DIM, generator=torch.Generator().manual_seed(n)) for n in (5, 7)]
+
+    def read(hidden):
+        return sum((h * w * m[..., None]).sum() for h, w, m in zip(hidden, weights, wanted))
+
+    full, full_grads = _pass(encoder, tables, read)
+    some, some_grads = _pass(
+        encoder, tables, read, grad_checkpointing=checkpointing, output_rows=wanted
+    )
+    for got, want, mask in zip(some, full, wanted):
+        assert got.shape == want.shape
+        assert_close_to_scale(got[mask], want[mask], 1e-5, "wanted rows")
+        assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+    _assert_same(some_grads, full_grads)
+    # None keeps every row of that segment.
+    everything, _ = _pass(encoder, tables, read, output_rows=[None, wanted[1]])
+    assert_close_to_scale(everything[0], full[0], 1e-5, "all rows")
+
+
+def test_first_rows_grad_only_keeps_values_and_the_cls_gradients() -> None:
+    encoder = make_encoder(depth=2, drop_path=0.3).train()
+    tables = random_tables(4)
+    weights = torch.randn(2, 2, DIM, generator=torch.Generator().manual_seed(5))
+
+    def read(hidden):  # the CLS state of each segment, as the aligning contrast reads it
+        return (torch.stack([h[:, 0] for h in hidden], dim=1) * weights).sum()
+
+    full, full_grads = _pass(encoder, tables, read)
+    first, first_grads = _pass(encoder, tables, read, first_rows_grad_only=True)
+    for got, want in zip(first, full):  # every row, drop-path draws included
+        assert_close_to_scale(got, want, 1e-5, "hidden")
+    _assert_same(first_grads, full_grads)
+    with pytest.raises(ValueError, match="not both"):
+        encoder([segment("text", 3)], output_rows=[None], first_rows_grad_only=True)
+    with pytest.raises(ValueError, match=r"output_rows for segment 'text' must be bool \[2,3\]"):
+        encoder([segment("text", 3)], output_rows=[torch.ones(2, 4, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="1 entries for 2 segments"):
+        encoder([segment("text", 3), segment("vision", 2)], output_rows=[None])
+
+
 def test_graph_is_whole_under_dynamo() -> None:
     encoder = make_encoder(depth=2).eval()
     tables = random_tables(1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from peace_core import create_model
+from peace_core import create_model, gemm
 from peace_core.config import EncoderConfig
 from peace_core.losses import DenoisingContrast
 from peace_core.presets import get_preset
@@ -610,3 +610,89 @@ def test_adapter_precompute_runs_the_shared_work_once_and_changes_nothing(
     assert shared and all(grads[n].abs().sum() > 0 for n in shared)
     for name, grad in grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not gemm.onednn_available(), reason="torch built without oneDNN")
+def test_step_agrees_across_cpu_gemm_libraries(pair):
+    """The image-text step's loss and every gradient are the same, to fp32 rounding, whether the
+    fusion layers' GEMMs run on torch's BLAS or on oneDNN (peace_core.gemm)."""
+    saved = dict(gemm._state)
+    results = {}
+    try:
+        for name in ("blas", "onednn"):
+            gemm.set_cpu_gemm(name)
+            objective = PretrainObjective(tiny_model("text", "vision", seed=3))
+            loss, _ = objective(pair, torch.Generator().manual_seed(0))
+            loss.backward()
+            grads = {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
+            results[name] = (loss.detach(), grads)
+    finally:
+        gemm._state.clear()
+        gemm._state.update(saved)
+    (loss_blas, grads_blas), (loss_onednn, grads_onednn) = results["blas"], results["onednn"]
+    torch.testing.assert_close(loss_onednn, loss_blas, rtol=1e-5, atol=1e-6)
+    assert grads_blas.keys() == grads_onednn.keys() and len(grads_blas) > 20
+    for name, grad in grads_blas.items():
+        torch.testing.assert_close(grads_onednn[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _step(objective, batch, seed=0):
+    objective.zero_grad(set_to_none=True)
+    loss, metrics = objective(batch, torch.Generator().manual_seed(seed))
+    loss.backward()
+    grads = {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, grads
+
+
+@pytest.mark.parametrize("modalities", [("text", "vision"), ("text", "audio")])
+def test_skipped_last_block_work_leaves_loss_and_gradients_unchanged(monkeypatch, modalities):
+    """The step computes the decoder's last block only at masked positions and trains the
+    unmasked passes only through their embeddings; against a step that computes everything,
+    the loss, every metric and every gradient agree."""
+    batches = {"text": text_batch(), "vision": vision_batch(), "audio": audio_batch()}
+    batch = {m: batches[m] for m in modalities}
+    batch = {m: {k: v[:3] for k, v in b.items()} for m, b in batch.items()}
+    model = tiny_model(*modalities, seed=5)
+    objective = PretrainObjective(model, ObjectiveConfig(weights=LossWeights(joint_anchor=0.0)))
+    objective.train()
+    torch.manual_seed(0)
+    fast = _step(objective, batch)
+
+    decoder_forward, model_forward = PretrainDecoder.forward, type(model).forward
+    monkeypatch.setattr(
+        PretrainDecoder,
+        "forward",
+        lambda self, views, outputs_at=None: decoder_forward(self, views),
+    )
+    monkeypatch.setattr(
+        type(model),
+        "forward",
+        lambda self, batch, hidden_grad=True, **kw: model_forward(self, batch, **kw),
+    )
+    torch.manual_seed(0)
+    full = _step(objective, batch)
+
+    torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-6)
+    assert fast[1].keys() == full[1].keys()
+    for name, value in full[1].items():
+        assert math.isclose(fast[1][name], value, rel_tol=1e-4, abs_tol=1e-5), name
+    assert fast[2].keys() == full[2].keys()
+    for name, grad in full[2].items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(fast[2][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_hidden_grad_false_detaches_hidden_and_keeps_the_embedding_gradient(pair):
+    model = tiny_model("text", "vision", seed=2)
+    out = model({"vision": pair["vision"]}, hidden_grad=False)["vision"]
+    reference = model({"vision": pair["vision"]})["vision"]
+    assert not out.hidden.requires_grad and out.embedding.requires_grad
+    torch.testing.assert_close(out.hidden, reference.hidden.detach(), rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.embedding.sum(), list(model.parameters()), allow_unused=True)
+    want = torch.autograd.grad(
+        reference.embedding.sum(), list(model.parameters()), allow_unused=True
+    )
+    for got, expected in zip(grads, want):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -18,6 +18,7 @@ from torch import nn
 
 from peace_core.config import AttentionBackendName, EncoderConfig, InitSchemeName, StrictModel
 from peace_core.encoder import FusionEncoder, Segment
+from peace_core.gemm import Linear
 from peace_core.init import LINEAR_INIT_STD, init_fusion_weights
 from peace_core.layers import GeGLUFFN
 from peace_registry.contract import check_modality_name
@@ -145,14 +146,14 @@ class PretrainDecoder(nn.Module):
         self.encoder_dim = encoder_dim
         factory = {"device": device, "dtype": dtype}
         dim = config.dim
-        self.embed = nn.ModuleDict({m: nn.Linear(encoder_dim, dim, **factory) for m in names})
+        self.embed = nn.ModuleDict({m: Linear(encoder_dim, dim, **factory) for m in names})
         self.mask_tokens = nn.ParameterDict(
             {m: nn.Parameter(torch.empty(1, dim, **factory)) for m in names}
         )
         self.positions = nn.ModuleDict(
             {m: nn.Embedding(config.max_positions, dim, **factory) for m in names}
         )
-        self.mask_heads = nn.ModuleDict({m: nn.Linear(dim, encoder_dim, **factory) for m in names})
+        self.mask_heads = nn.ModuleDict({m: Linear(dim, encoder_dim, **factory) for m in names})
 
         def ffn_for(name: str) -> Callable[[], nn.Module]:
             if name in factories:
@@ -196,8 +197,18 @@ class PretrainDecoder(nn.Module):
         filled = base.scatter(1, index[..., None].expand(-1, -1, width), content)[:, :length]
         return filled + self.positions[view.modality].weight[:length]
 
-    def forward(self, views: Sequence[DecoderView]) -> list[torch.Tensor]:
-        """Decode ``views`` as ONE joint sequence (in the given order): ``[B,N_i,D_enc]`` each."""
+    def forward(
+        self,
+        views: Sequence[DecoderView],
+        *,
+        outputs_at: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Decode ``views`` as ONE joint sequence (in the given order): ``[B,N_i,D_enc]`` each.
+
+        ``outputs_at``: per view a ``[B,N_i]`` bool mask (None = all) of the positions whose
+        predictions are wanted (the denoising contrast reads only the masked ones). The last
+        block then computes only those; other positions hold no prediction.
+        """
         if len(views) == 0:
             raise ValueError("PretrainDecoder: expected at least one view, got none")
         names = [view.modality for view in views]
@@ -207,7 +218,9 @@ class PretrainDecoder(nn.Module):
             Segment(view.modality, self.fill(view), view.padding_mask.to(view.hidden.device))
             for view in views
         ]
-        output = self.encoder(segments, mask_padding=self.config.mask_padding)
+        output = self.encoder(
+            segments, mask_padding=self.config.mask_padding, output_rows=outputs_at
+        )
         return [self.mask_heads[m](hidden) for m, hidden in zip(names, output.hidden)]
 
     def _check_view(self, view: DecoderView) -> None:

@@ -373,8 +373,9 @@ class PretrainObjective(nn.Module):
         for m in plan.names:
             needs_target = m in plan.single_views and m not in plan.joint_targets
             if plan.align or needs_target:
+                # Only the embeddings are trained here; the hidden states are detached targets.
                 with torch.set_grad_enabled(plan.align and torch.is_grad_enabled()):
-                    single[m] = self.model({m: batch[m]}, joint=False)[m]
+                    single[m] = self.model({m: batch[m]}, joint=False, hidden_grad=False)[m]
 
         # 2. The joint pass: targets only, never a gradient.
         joint: dict[str, ModalityOutput] = {}
@@ -429,14 +430,21 @@ class PretrainObjective(nn.Module):
         for m in plan.single_views:
             target_source = joint[m] if m in plan.joint_targets else single[m]
             view = self.encode_student({m: batch[m]}, single_masks, padding, joint=False)[m]
-            (predicted,) = self.decoder([view])
+            # Predictions are read at masked positions only: the decoder computes no others.
+            (predicted,) = self.decoder([view], outputs_at=[single_masks[m]])
             total = total + self._denoise(
                 m, predicted, target_source.hidden, single_masks[m], padding[m], metrics
             )
         if plan.joint_student:
             pair = {m: batch[m] for m in plan.names}
             views = self.encode_student(pair, joint_masks, padding, joint=True)
-            predictions = self.decoder([views[m] for m in plan.names])
+            predictions = self.decoder(
+                [views[m] for m in plan.names],
+                outputs_at=[
+                    joint_masks[m] if m in plan.joint_views else torch.zeros_like(joint_masks[m])
+                    for m in plan.names
+                ],
+            )
             for m, predicted in zip(plan.names, predictions):
                 if m in plan.joint_views:
                     total = total + self._denoise(

@@ -1,0 +1,185 @@
+"""fp32 CPU matmuls of the fusion layers on the faster of two exact libraries: oneDNN or BLAS.
+
+torch runs an fp32 ``linear`` on CPU through the BLAS it links (MKL on x86). On AMD CPUs MKL
+takes slower code paths than oneDNN, which torch also ships: on a 2-core AMD EPYC (Zen 4) the
+forward ``x @ W.T`` and input-gradient ``g @ W`` GEMMs of the base model ran 10-20 % faster
+through oneDNN, while the weight gradient ``g.T @ x`` was as fast or faster through MKL
+(``benchmarks/gemm.py``). Both are plain fp32 (no reduced precision): results differ from each
+other only by summation order (~1e-6 relative).
+
+The backend is process-wide: ``auto`` (the default) picks ``onednn`` on AMD x86 CPUs and ``blas``
+elsewhere; ``PEACE_CPU_GEMM=blas|onednn|auto`` or :func:`set_cpu_gemm` choose. Only fp32 CPU
+tensors outside autocast and ``torch.compile`` take the oneDNN path; everything else (CUDA, bf16,
+autocast, tensor subclasses such as DTensor) is ``torch.nn.functional.linear`` unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Chooses the fp32 CPU GEMM library of every process: ``auto``, ``blas`` or ``onednn``.
+CPU_GEMM_ENV_VAR = "PEACE_CPU_GEMM"
+CPU_GEMM_CHOICES = ("auto", "blas", "onednn")
+
+_state: dict[str, str] = {}
+
+
+def _cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The x86 vendor string (``AuthenticAMD``, ``GenuineIntel``) or ``""`` when unknown."""
+    try:
+        with cpuinfo.open() as lines:
+            for line in lines:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's dense linear kernel."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def resolve_cpu_gemm(requested: str, *, vendor: str | None = None) -> tuple[str, str]:
+    """``(backend, reason)`` for a requested choice; ``vendor`` overrides the detected CPU."""
+    if requested not in CPU_GEMM_CHOICES:
+        raise ValueError(
+            f"{CPU_GEMM_ENV_VAR}={requested!r}: expected one of {', '.join(CPU_GEMM_CHOICES)}"
+        )
+    if requested == "onednn" and not onednn_available():
+        raise ValueError(
+            f"{CPU_GEMM_ENV_VAR}=onednn: this torch build has no oneDNN linear kernel "
+            "(torch.backends.mkldnn); use blas or auto"
+        )
+    if requested != "auto":
+        return requested, "chosen"
+    vendor = _cpu_vendor() if vendor is None else vendor
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if vendor == "AuthenticAMD" and is_x86 and onednn_available():
+        return "onednn", "auto: AMD CPU, where oneDNN beats MKL"
+    return "blas", "auto"
+
+
+def set_cpu_gemm(requested: str) -> str:
+    """Use ``requested`` (``auto``, ``blas`` or ``onednn``) from now on; returns the backend."""
+    backend, reason = resolve_cpu_gemm(requested)
+    _state.update(backend=backend, reason=reason)
+    return backend
+
+
+def cpu_gemm() -> str:
+    """The backend in force (resolved from ``PEACE_CPU_GEMM`` on first use)."""
+    if "backend" not in _state:
+        set_cpu_gemm(os.environ.get(CPU_GEMM_ENV_VAR, "auto").strip() or "auto")
+    return _state["backend"]
+
+
+def describe_cpu_gemm() -> str:
+    """One line for a command's start: the backend and why."""
+    backend = cpu_gemm()
+    return f"{backend} ({_state['reason']}; {CPU_GEMM_ENV_VAR} to change)"
+
+
+def _plain(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or type(tensor) in (torch.Tensor, nn.Parameter)
+
+
+def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.ndim >= 2
+        and weight.ndim == 2
+        and x.numel() > 0
+        and _plain(x)
+        and _plain(weight)
+        and _plain(bias)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and cpu_gemm() == "onednn"
+    )
+
+
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_no_grad(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` on the chosen backend, recording no gradient (for autograd
+    Functions' own forward and backward)."""
+    if _takes_onednn(x, weight, bias):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad @ weight``: a linear's input gradient, on the chosen backend."""
+    if _takes_onednn(grad, weight, None):
+        # oneDNN reads the transposed view in place: no copy of the weight.
+        return _onednn_linear(grad, weight.t(), None)
+    return torch.matmul(grad, weight)
+
+
+def weight_grad(flat_grad: torch.Tensor, flat_input: torch.Tensor) -> torch.Tensor:
+    """``flat_grad.T @ flat_input``: a linear's weight gradient (BLAS is as fast or faster)."""
+    return torch.matmul(flat_grad.t(), flat_input)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x @ weight.T + bias`` with the forward and input gradient on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if needs_x:
+            grad_x = input_grad(flat_grad, weight).reshape(x.shape)
+        if needs_weight:
+            grad_weight = weight_grad(flat_grad, x.reshape(-1, x.shape[-1]))
+        if needs_bias and ctx.has_bias:
+            grad_bias = flat_grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear`` on the chosen fp32 CPU backend, differentiable."""
+    if not _takes_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state-dict keys and init) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
