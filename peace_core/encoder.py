@@ -345,8 +345,8 @@ class FusionEncoder(nn.Module):
         that are returned are the same as without them, to float rounding):
 
         * ``output_rows``: per segment a ``[B,N_i]`` bool mask (None = all) of the positions
-          whose hidden states are wanted; the last block computes only those, and every other
-          position of ``hidden`` is 0.
+          whose hidden states are wanted; the last block computes only those, every other
+          position of ``hidden`` is 0, and ``layer_states`` stops before the last block.
         * ``first_rows_grad_only``: every hidden state is computed, but only each segment's
           first position (its CLS) carries a gradient; the last block's other rows are computed
           without one, which saves their backward (for passes whose other states are targets).

@@ -15,6 +15,7 @@ autocast, tensor subclasses such as DTensor) is ``torch.nn.functional.linear`` u
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -141,6 +142,26 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def weight_grad(flat_grad: torch.Tensor, flat_input: torch.Tensor) -> torch.Tensor:
     """``flat_grad.T @ flat_input``: a linear's weight gradient (BLAS is as fast or faster)."""
     return torch.matmul(flat_grad.t(), flat_input)
+
+
+def _count_onednn_linear_flops() -> None:
+    """Teach ``torch.utils.flop_counter`` oneDNN's linear (2 FLOPs per multiply-add, as for
+    ``mm``), so that FLOP counts and MFU see the GEMMs that run there."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if not onednn_available():
+        return
+    target = torch.ops.mkldnn._linear_pointwise
+    if target in flop_registry:
+        return
+
+    @register_flop_formula(target)
+    def _flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        rows = math.prod(x_shape[:-1])
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+
+_count_onednn_linear_flops()
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -44,6 +44,39 @@ def test_a_training_step_is_timed_counted_and_written(tmp_path: Path) -> None:
     # Children run as the commands do: host memory kept for reuse (on glibc).
     kept_or_not_glibc = {"freed memory kept for reuse", "system default (not glibc)"}
     assert {r["host_malloc"] for r in rows} <= kept_or_not_glibc
+    # ... and with the fp32 GEMM library the commands would pick.
+    from peace_core.gemm import resolve_cpu_gemm
+
+    assert {r["cpu_gemm"] for r in rows} == {resolve_cpu_gemm("auto")[0]}
+
+
+def test_gemm_benchmark_reports_every_direction_of_each_shape() -> None:
+    from peace_core.gemm import onednn_available
+
+    if not onednn_available():
+        pytest.skip("torch built without oneDNN")
+    gemm_script = SCRIPT.with_name("gemm.py")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(gemm_script),
+            "--threads=1",
+            "--rounds=1",
+            "--repeats=1",
+            "--shapes=16x8x4,9x4x12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], " ".join(r[1:-3])) for r in rows] == [
+        (shape, direction)
+        for shape in ("16x8x4", "9x4x12")
+        for direction in ("forward", "input grad", "weight grad")
+    ]
+    assert all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows)
 
 
 def test_comparison_gives_speed_and_memory_ratios(tmp_path: Path) -> None:

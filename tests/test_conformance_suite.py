@@ -21,6 +21,7 @@ from peace_registry.conformance import (
     check_adapter_keep,
     check_adapter_precompute,
     check_backward,
+    check_ffn,
     check_masker_joint,
     check_masker_single,
     check_meta_device,
@@ -29,7 +30,7 @@ from peace_registry.conformance import (
     check_state_dict_roundtrip,
     run_checks,
 )
-from peace_registry.testing import ToyAdapter, ToyMasker, ToyOptions, ToyPlugin
+from peace_registry.testing import ToyAdapter, ToyFFN, ToyMasker, ToyOptions, ToyPlugin
 
 TOY_REGISTRY = Registry.from_plugins({"toy": ToyPlugin()})
 
@@ -259,3 +260,16 @@ def test_option_overrides_reach_the_components() -> None:
     assert subject.batch()["values"].shape[1] <= 3
     check_adapter_forward(subject)
     check_masker_single(subject)
+
+
+class MixesTokens(ToyFFN):
+    """Adds the sequence mean: fine for shapes, wrong for an encoder that drops positions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x.mean(dim=1, keepdim=True)
+
+
+def test_check_ffn_catches_an_ffn_that_mixes_positions() -> None:
+    assert check_ffn(subject_with(ffn=lambda ctx: ToyFFN(ctx))) is True
+    with pytest.raises(AssertionError, match="FFN is not position-wise"):
+        check_ffn(subject_with(ffn=lambda ctx: MixesTokens(ctx)))

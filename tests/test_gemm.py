@@ -135,3 +135,17 @@ def test_linear_module_is_an_nn_linear_with_the_same_state():
     assert list(ours.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_flop_counter_counts_onednn_gemms_as_blas_ones(backend):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    counts = {}
+    for name in ("blas", "onednn"):
+        backend(name)
+        with FlopCounterMode(display=False) as counter:
+            gemm.linear(x, weight).sum().backward()
+        counts[name] = counter.get_total_flops()
+    assert counts["onednn"] == counts["blas"] == 3 * 2 * 10 * 8 * 4

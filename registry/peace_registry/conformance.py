@@ -383,6 +383,13 @@ def check_ffn(subject: ConformanceSubject) -> bool:
         f"FFN maps {tuple(x.shape)} to {tuple(getattr(y, 'shape', ()))}, expected the same shape"
     )
     assert y.dtype == torch.float32 and torch.isfinite(y).all(), "FFN output not finite float32"
+    # The encoder hands an FFN any subset of a segment's positions (a student's kept units, the
+    # rows a step reads), so each token's output must depend on that token alone.
+    rows = [3, 0]
+    some = ffn(x[:, rows])
+    assert torch.allclose(some, y[:, rows], rtol=1e-5, atol=1e-5), (
+        "FFN is not position-wise: its output at a token changed when other tokens were left out"
+    )
     return True
 
 
