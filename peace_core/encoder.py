@@ -135,8 +135,8 @@ class Rows:
 
     ``index`` ``[B,Q]`` long: positions in the joint sequence, each segment's rows together and
     in segment order (``routes`` gives each segment's count); ``valid`` ``[B,Q]``: False where a
-    row only pads a sample with fewer wanted rows (it repeats a wanted position and its output
-    is dropped); ``lengths``: each segment's full length. Built by :meth:`from_masks`.
+    row only pads a sample with fewer wanted rows (it reads the segment's first position and its
+    output is dropped); ``lengths``: each segment's full length. Built by :meth:`from_masks`.
     """
 
     index: torch.Tensor
