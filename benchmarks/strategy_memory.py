@@ -94,7 +94,7 @@ def main() -> None:
         )
         print(f"{args.preset}, {args.strategy} x{dist.get_world_size()}: {shown}", flush=True)
     dist.destroy_process_group()
-    # The figures are out. Under FSDP the device mesh still holds the gloo group, whose threads
+    # The figures are out. Under FSDP the device mesh can still hold the gloo group, whose threads
     # can abort the interpreter's teardown at random ("terminate called without an active
     # exception"): skip the teardown so the run's exit status is the measurement's.
     os._exit(0)
