@@ -3,7 +3,7 @@
 For each (rows, in, out) shape of a linear layer the benchmark times the three GEMMs of a
 training step, ``x @ W.T`` (forward), ``g @ W`` (input gradient) and ``g.T @ x`` (weight
 gradient), once through torch's BLAS (``torch.matmul``: MKL on x86) and once through oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, what ``peace_core.gemm`` uses), in interleaved rounds,
+(``peace_core.gemm.onednn_linear``, what the fusion layers use), in interleaved rounds,
 and prints GFLOP/s (median over rounds) and their ratio. The default shapes are the base and small
 fusion layers at batch 8: 2056 rows (8 images of 257 tokens), 520 rows (a masked student view).
 
@@ -50,19 +50,19 @@ def _kernels(
     x = torch.randn(rows, width_in)
     weight = torch.randn(width_out, width_in)
     grad = torch.randn(rows, width_out)
-    onednn = torch.ops.mkldnn._linear_pointwise
+    onednn = gemm.onednn_linear
     return {
         "forward": {
             "blas": lambda: torch.matmul(x, weight.t()),
-            "onednn": lambda: onednn(x, weight, None, "none", [], ""),
+            "onednn": lambda: onednn(x, weight),
         },
         "input grad": {
             "blas": lambda: torch.matmul(grad, weight),
-            "onednn": lambda: onednn(grad, weight.t(), None, "none", [], ""),
+            "onednn": lambda: onednn(grad, weight.t()),
         },
         "weight grad": {
             "blas": lambda: torch.matmul(grad.t(), x),
-            "onednn": lambda: onednn(grad.t(), x.t(), None, "none", [], ""),
+            "onednn": lambda: onednn(grad.t(), x.t()),
         },
     }
 

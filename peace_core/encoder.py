@@ -151,7 +151,7 @@ class Rows:
             raise ValueError(
                 f"FusionEncoder: output_rows has {len(wanted)} entries for {len(segments)} segments"
             )
-        indices, valids, routes, offset = [], [], [], 0
+        indices, valids, routes, lengths, offset = [], [], [], [], 0
         for segment, mask in zip(segments, wanted):
             size, length = segment.padding_mask.shape
             device = segment.tokens.device
@@ -172,9 +172,21 @@ class Rows:
             indices.append(order.masked_fill(~valid, 0) + offset)
             valids.append(valid)
             routes.append((segment.modality, count))
+            lengths.append(length)
             offset += length
+        return cls(
+            torch.cat(indices, dim=1), torch.cat(valids, dim=1), tuple(routes), tuple(lengths)
+        )
+
+    @classmethod
+    def firsts(cls, segments: Sequence[Segment]) -> Rows:
+        """Each segment's first position (its CLS), one row per segment."""
+        size = segments[0].padding_mask.shape[0]
         lengths = tuple(segment.padding_mask.shape[1] for segment in segments)
-        return cls(torch.cat(indices, dim=1), torch.cat(valids, dim=1), tuple(routes), lengths)
+        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
+        index = starts.to(segments[0].tokens.device).expand(size, -1)
+        routes = tuple((segment.modality, 1) for segment in segments)
+        return cls(index, torch.ones_like(index, dtype=torch.bool), routes, lengths)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[B,T,D] -> [B,Q,D]``."""
@@ -444,11 +456,7 @@ def _last_block_first_rows_grad(
     segments: Sequence[Segment],
 ) -> torch.Tensor:
     """``block(x)`` whose rows carry no gradient except each segment's first (its CLS)."""
-    firsts = [
-        F.pad(torch.ones_like(s.padding_mask[:, :1]), (0, s.padding_mask.shape[1] - 1))
-        for s in segments
-    ]
-    rows = Rows.from_masks(segments, firsts)
+    rows = Rows.firsts(segments)
     # The no-grad pass must draw the same stochastic-depth masks as the gradient pass.
     devices = [x.device] if x.device.type != "cpu" else []
     with torch.random.fork_rng(devices=devices, device_type=x.device.type), torch.no_grad():

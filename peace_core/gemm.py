@@ -98,7 +98,8 @@ def _plain(tensor: torch.Tensor | None) -> bool:
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
-        x.device.type == "cpu"
+        cpu_gemm() == "onednn"  # first: the whole test on every linear call when BLAS is chosen
+        and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.ndim >= 2
@@ -109,13 +110,14 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         and _plain(bias)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and cpu_gemm() == "onednn"
     )
 
 
-def _onednn_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN, whatever backend is chosen (no checks, no gradient;
+    ``weight`` may be a transposed view). The benchmarks time the library with it."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -127,7 +129,7 @@ def linear_no_grad(
     """``x @ weight.T + bias`` on the chosen backend, recording no gradient (for autograd
     Functions' own forward and backward)."""
     if _takes_onednn(x, weight, bias):
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -135,7 +137,7 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``grad @ weight``: a linear's input gradient, on the chosen backend."""
     if _takes_onednn(grad, weight, None):
         # oneDNN reads the transposed view in place: no copy of the weight.
-        return _onednn_linear(grad, weight.t(), None)
+        return onednn_linear(grad, weight.t(), None)
     return torch.matmul(grad, weight)
 
 
@@ -171,7 +173,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
@@ -196,7 +198,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         t is not None and t.requires_grad for t in (x, weight, bias)
     ):
         return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn_linear(x, weight, bias)
+    return onednn_linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
