@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ def run_workers(
     sys.path.insert(0, import_root)
     try:
         context = mp.start_processes(
-            worker, args=args, nprocs=nprocs, join=False, start_method="spawn"
+            _run_then_exit, args=(worker, *args), nprocs=nprocs, join=False, start_method="spawn"
         )
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=1.0):
@@ -39,3 +40,17 @@ def run_workers(
                 pytest.fail(f"{nprocs} gloo workers did not finish within {timeout_s:.0f}s")
     finally:
         sys.path.remove(import_root)
+
+
+def _run_then_exit(rank: int, worker: Callable[..., None], *args: Any) -> None:
+    """Run the worker, then leave without the interpreter's finalization.
+
+    Gloo's C++ threads can still hold work objects when the interpreter tears down, even after
+    ``destroy_process_group``; freeing them then aborts the process ("terminate called without
+    an active exception") after the worker has finished and saved its results. The worker's
+    results are on disk by now, so the process ends here. A worker that raises does not get
+    here: the spawn wrapper reports its traceback as usual."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
