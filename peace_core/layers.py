@@ -88,7 +88,7 @@ class _GatedNormProjection(torch.autograd.Function):
             grad_out_weight = grad_out_bias = None
             if needs[5]:
                 grad_out_weight = weight_grad(
-                    flat_grad, inner.detach().reshape(-1, inner.shape[-1])
+                    flat_grad, inner.detach().reshape(-1, inner.shape[-1]), out_weight
                 )
         if needs[6]:
             grad_out_bias = flat_grad.sum(0)
@@ -167,7 +167,7 @@ class _NormedLinears(torch.autograd.Function):
                 flat_grad = grad.reshape(-1, grad.shape[-1])
                 part = input_grad(flat_grad, weight)
                 grad_h = part if grad_h is None else grad_h.add_(part)
-                grad_weight = weight_grad(flat_grad, flat_h) if need_weight else None
+                grad_weight = weight_grad(flat_grad, flat_h, weight) if need_weight else None
                 grad_bias = flat_grad.sum(0) if need_bias and ctx.has_bias[i] else None
                 param_grads += [grad_weight, grad_bias]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]

@@ -50,7 +50,8 @@ def test_a_training_step_is_timed_counted_and_written(tmp_path: Path) -> None:
     assert {r["cpu_gemm"] for r in rows} == {resolve_cpu_gemm("auto")[0]}
 
 
-def test_gemm_benchmark_reports_every_direction_of_each_shape() -> None:
+@pytest.mark.parametrize("compare", ["libraries", "layouts"])
+def test_gemm_benchmark_reports_every_direction_of_each_shape(compare: str) -> None:
     from peace_core.gemm import onednn_available
 
     if not onednn_available():
@@ -64,6 +65,7 @@ def test_gemm_benchmark_reports_every_direction_of_each_shape() -> None:
             "--rounds=1",
             "--repeats=1",
             "--shapes=16x8x4,9x4x12",
+            f"--compare={compare}",
         ],
         capture_output=True,
         text=True,

@@ -67,14 +67,21 @@ def _grads(fn, *inputs):
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
+def _transposed_storage(weight: torch.Tensor) -> torch.Tensor:
+    return weight.t().contiguous().t()
+
+
 @needs_onednn
 @pytest.mark.parametrize("shape", [(5, 24), (3, 7, 24)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_onednn_linear_matches_blas_values_and_gradients(backend, shape, with_bias):
+@pytest.mark.parametrize("out_features", [40, 10])
+def test_onednn_linear_matches_blas_values_and_gradients(backend, shape, with_bias, out_features):
     backend("onednn")
     torch.manual_seed(0)
-    x, weight = torch.randn(shape), torch.randn(40, 24)
-    bias = torch.randn(40) if with_bias else None
+    x, weight = torch.randn(shape), torch.randn(out_features, 24)
+    if out_features < 24:  # a down projection, stored as gemm.Linear stores it
+        weight = _transposed_storage(weight)
+    bias = torch.randn(out_features) if with_bias else None
     inputs = (x, weight) + ((bias,) if with_bias else ())
     ours, ours_grads = _grads(gemm.linear, *inputs)
     reference, reference_grads = _grads(F.linear, *inputs)
@@ -102,7 +109,41 @@ def test_backward_helpers_match_matmul(backend):
     backend("onednn")
     grad, weight, flat_input = torch.randn(9, 12), torch.randn(12, 5), torch.randn(9, 5)
     torch.testing.assert_close(gemm.input_grad(grad, weight), grad @ weight)
-    torch.testing.assert_close(gemm.weight_grad(grad, flat_input), grad.t() @ flat_input)
+    for layout in (weight, _transposed_storage(weight)):
+        got = gemm.weight_grad(grad, flat_input, layout)
+        torch.testing.assert_close(got, grad.t() @ flat_input)
+        assert got.stride() == layout.stride()  # autograd accumulates it without a copy
+
+
+def test_down_projections_store_their_weight_transposed():
+    for in_features, out_features, transposed in [(16, 4, True), (4, 16, False), (8, 8, False)]:
+        torch.manual_seed(0)
+        ours = gemm.Linear(in_features, out_features)
+        torch.manual_seed(0)
+        plain = nn.Linear(in_features, out_features)
+        assert gemm.stored_transposed(ours.weight) is transposed
+        assert ours.weight.shape == plain.weight.shape
+        assert torch.equal(ours.weight, plain.weight)  # the same init, only the strides differ
+    # Loading keeps the layout, copied in or assigned, and so does an optimizer step.
+    down = gemm.Linear(16, 4)
+    weight = down.weight
+    state = {key: torch.randn_like(value).contiguous() for key, value in down.state_dict().items()}
+    down.load_state_dict(state)
+    assert down.weight is weight and gemm.stored_transposed(down.weight)
+    assert torch.equal(down.weight, state["weight"])
+    down.load_state_dict(state, assign=True)
+    assert gemm.stored_transposed(down.weight) and torch.equal(down.weight, state["weight"])
+    optimizer = torch.optim.AdamW(down.parameters(), lr=0.1)
+    down(torch.randn(3, 16)).sum().backward()
+    assert down.weight.grad.stride() == down.weight.stride()
+    optimizer.step()
+    assert gemm.stored_transposed(down.weight)
+    assert not torch.equal(down.weight, state["weight"])
+    # The state dict reads as any nn.Linear's.
+    plain = nn.Linear(16, 4)
+    plain.load_state_dict(down.state_dict())
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(plain(x), down(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

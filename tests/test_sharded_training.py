@@ -187,9 +187,11 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(
         assert run["losses"] == pytest.approx(single["losses"], rel=1e-5)
         assert run["norms"] == pytest.approx(single["norms"], rel=1e-4)
         assert run["logit_scale"] == pytest.approx(single["logit_scale"], rel=1e-6)
-    # Full weights are gathered onto rank 0 (what it writes).
+    # Full weights are gathered onto rank 0 (what it writes). AdamW divides each update by the
+    # root of its squared gradients, so where a gradient is nearly zero the rounding of a batch
+    # split over ranks moves the update by up to lr (1e-3): 1e-4 still fails a wrong gradient.
     _assert_weights_close(
-        two_rank_runs["ranks"][0][f"align-{strategy}"]["weights"], single["weights"], 1e-5
+        two_rank_runs["ranks"][0][f"align-{strategy}"]["weights"], single["weights"], 1e-4
     )
     # The steps changed the weights: the comparison is not between two untouched models.
     assert single["losses"][1] != single["losses"][0]

@@ -138,6 +138,11 @@ class FullyShardedStrategy(TrainingStrategy):
         )
 
         mesh = init_device_mesh(self.context.device.type, (self.context.world_size,))
+        # FSDP shards contiguous parameters only (a down projection's weight is stored
+        # transposed for the CPU GEMMs; sharded weights run through torch's own linear anyway).
+        for parameter in objective.parameters():
+            if not parameter.is_contiguous():
+                parameter.data = parameter.data.contiguous()
         self._replicated = [p for p in objective.parameters() if p.dim() == 0]
         options: dict[str, Any] = {
             "mesh": mesh,
