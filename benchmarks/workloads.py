@@ -272,8 +272,9 @@ def run_child(settings: Settings) -> dict[str, Any]:
 
 def matmul_throughput(device: str, dtype: str, threads: int, size: int = 2048) -> float:
     """Best measured FLOP/s of a square matmul on ``device`` in ``dtype`` (the MFU denominator):
-    on CPU the better of torch's BLAS and oneDNN (``peace_core.gemm``), so MFU is against the
-    fastest library here, not the one the workloads happen to use."""
+    on CPU the best of torch's BLAS and oneDNN (``peace_core.gemm``) with the second operand in
+    either layout, so MFU is against the fastest library and layout here, not the ones the
+    workloads happen to use."""
     import torch
 
     from peace_core import gemm
@@ -284,7 +285,7 @@ def matmul_throughput(device: str, dtype: str, threads: int, size: int = 2048) -
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     kernels: list[Callable[[], Any]] = [lambda: a @ b]
     if device == "cpu" and dtype == "fp32" and gemm.onednn_available():
-        kernels.append(lambda: gemm.onednn_linear(a, b))
+        kernels += [lambda: gemm.onednn_linear(a, b), lambda: gemm.onednn_linear(a, b.t())]
     repeats = 4 if device.startswith("cuda") else 1
     best = float("inf")
     for _ in range(6):
