@@ -200,21 +200,18 @@ class Rows:
         index = self.index[:, None, :, None].expand(-1, bias.shape[1], -1, bias.shape[3])
         return torch.gather(bias, 2, index)
 
-    def scatter(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[B,Q,D]`` rows to per-segment ``[B,N_i,D]`` tensors, zero at every other position."""
-        width = x.shape[-1]
+    def scatter(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each segment's ``[B,Q_i,D]`` rows to ``[B,N_i,D]``, zero at every other position."""
         counts = [count for _, count in self.routes]
         out, offset = [], 0
-        parts = zip(
-            torch.split(x, counts, dim=1),
-            self.index.split(counts, dim=1),
-            self.valid.split(counts, dim=1),
-            self.lengths,
+        pieces = zip(
+            parts, self.index.split(counts, dim=1), self.valid.split(counts, dim=1), self.lengths
         )
-        for part, index, valid, length in parts:
+        for part, index, valid, length in pieces:
             # Padding rows land in one extra column that is dropped.
+            width = part.shape[-1]
             local = (index - offset).masked_fill(~valid, length)
-            full = x.new_zeros(x.shape[0], length + 1, width)
+            full = part.new_zeros(part.shape[0], length + 1, width)
             out.append(full.scatter(1, local[..., None].expand(-1, -1, width), part)[:, :length])
             offset += length
         return out
@@ -400,13 +397,11 @@ class FusionEncoder(nn.Module):
             if return_layer_states and (layer < last or rows is None):
                 states.append(x)
 
+        sizes = [size for _, size in (routes if rows is None else rows.routes)]
+        parts = torch.split(x, sizes, dim=1)
+        hidden = [self.final_norms[s.modality](part) for s, part in zip(segments, parts)]
         if rows is not None:
-            parts = torch.split(x, [count for _, count in rows.routes], dim=1)
-            normed = [self.final_norms[s.modality](part) for s, part in zip(segments, parts)]
-            hidden = rows.scatter(torch.cat(normed, dim=1))
-        else:
-            parts = torch.split(x, [length for _, length in routes], dim=1)
-            hidden = [self.final_norms[s.modality](part) for s, part in zip(segments, parts)]
+            hidden = rows.scatter(hidden)
         return FusionOutput(
             hidden=hidden,
             padding_mask=[s.padding_mask for s in segments],
