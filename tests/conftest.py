@@ -1,12 +1,13 @@
-"""Fixtures shared by the plugin-discovery tests."""
+"""Fixtures shared by several test modules."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from peace_core import gemm
 from peace_registry.testing import on_sys_path
 
 
@@ -18,3 +19,12 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("PEACE_DISABLE_PLUGINS", raising=False)
     with on_sys_path(tmp_path / "site") as path:
         yield path
+
+
+@pytest.fixture
+def backend() -> Iterator[Callable[[str], str]]:
+    """``gemm.set_cpu_gemm`` for one test; the process's choice is restored afterwards."""
+    saved = dict(gemm._state)
+    yield gemm.set_cpu_gemm
+    gemm._state.clear()
+    gemm._state.update(saved)

@@ -12,15 +12,6 @@ from peace_core import gemm
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="torch built without oneDNN")
 
 
-@pytest.fixture
-def backend():
-    """Set a backend for one test; the process's choice is restored afterwards."""
-    saved = dict(gemm._state)
-    yield gemm.set_cpu_gemm
-    gemm._state.clear()
-    gemm._state.update(saved)
-
-
 def test_auto_picks_onednn_on_amd_and_blas_elsewhere(monkeypatch):
     monkeypatch.setattr(gemm.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(gemm, "onednn_available", lambda: True)

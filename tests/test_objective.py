@@ -613,22 +613,14 @@ def test_adapter_precompute_runs_the_shared_work_once_and_changes_nothing(
 
 
 @pytest.mark.skipif(not gemm.onednn_available(), reason="torch built without oneDNN")
-def test_step_agrees_across_cpu_gemm_libraries(pair):
+def test_step_agrees_across_cpu_gemm_libraries(pair, backend):
     """The image-text step's loss and every gradient are the same, to fp32 rounding, whether the
     fusion layers' GEMMs run on torch's BLAS or on oneDNN (peace_core.gemm)."""
-    saved = dict(gemm._state)
     results = {}
-    try:
-        for name in ("blas", "onednn"):
-            gemm.set_cpu_gemm(name)
-            objective = PretrainObjective(tiny_model("text", "vision", seed=3))
-            loss, _ = objective(pair, torch.Generator().manual_seed(0))
-            loss.backward()
-            grads = {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
-            results[name] = (loss.detach(), grads)
-    finally:
-        gemm._state.clear()
-        gemm._state.update(saved)
+    for name in ("blas", "onednn"):
+        backend(name)
+        loss, _, grads = _step(PretrainObjective(tiny_model("text", "vision", seed=3)), pair)
+        results[name] = (loss, grads)
     (loss_blas, grads_blas), (loss_onednn, grads_onednn) = results["blas"], results["onednn"]
     torch.testing.assert_close(loss_onednn, loss_blas, rtol=1e-5, atol=1e-6)
     assert grads_blas.keys() == grads_onednn.keys() and len(grads_blas) > 20
