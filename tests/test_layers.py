@@ -1,4 +1,4 @@
-"""GeGLUFFN, LayerScale, DropPath and the fusion weight initialisation."""
+"""GeGLUFFN, LayerScale, DropPath, embedding_lookup and the fusion weight initialisation."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peace_core import layers
 from peace_core.init import LINEAR_INIT_STD, SCRATCH_TRUNCATION, init_fusion_weights
 from peace_core.layers import DropPath, GeGLUFFN, LayerScale, normed_linears
 
@@ -211,3 +212,60 @@ def test_normed_linears_only_some_outputs_used_and_under_autocast() -> None:
     for got, want in zip(*results):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------- embedding_lookup
+
+
+def _tables(rows: int = 50, dim: int = 8, padding_idx: int | None = 3) -> tuple[nn.Embedding, ...]:
+    torch.manual_seed(0)
+    table = nn.Embedding(rows, dim, padding_idx=padding_idx)
+    twin = nn.Embedding(rows, dim, padding_idx=padding_idx)
+    twin.load_state_dict(table.state_dict())
+    return table, twin
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_embedding_lookup_on_fresh_pages_matches_nn_embedding(monkeypatch, padding_idx):
+    monkeypatch.setattr(layers, "FRESH_PAGES_MIN_BYTES", 0)
+    table, twin = _tables(padding_idx=padding_idx)
+    ids = torch.tensor([[1, 3, 7, 7], [3, 0, 49, 7]])  # repeats accumulate; 3 may be padding
+    out = layers.embedding_lookup(table, ids)
+    assert "LookupOnFreshPages" in type(out.grad_fn).__name__
+    grad = torch.randn(2, 4, 8)
+    (out * grad).sum().backward()
+    (twin(ids) * grad).sum().backward()
+    torch.testing.assert_close(out, twin(ids))
+    torch.testing.assert_close(table.weight.grad, twin.weight.grad)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[ids.unique()] = False
+    assert table.weight.grad[untouched].abs().max() == 0
+    if padding_idx is not None:
+        assert table.weight.grad[padding_idx].abs().max() == 0
+
+
+def test_embedding_lookup_gradient_accumulates_and_takes_in_place_updates(monkeypatch):
+    monkeypatch.setattr(layers, "FRESH_PAGES_MIN_BYTES", 0)
+    table, twin = _tables()
+    optimizers = [torch.optim.AdamW(t.parameters(), lr=0.1) for t in (table, twin)]
+    for ids in (torch.tensor([[1, 2, 2]]), torch.tensor([[2, 5, 9]])):  # two accumulated passes
+        layers.embedding_lookup(table, ids).pow(2).sum().backward()
+        twin(ids).pow(2).sum().backward()
+    torch.testing.assert_close(table.weight.grad, twin.weight.grad)
+    for t, optimizer in zip((table, twin), optimizers):
+        torch.nn.utils.clip_grad_norm_(t.parameters(), 0.5)  # scales the gradient in place
+        optimizer.step()
+    torch.testing.assert_close(table.weight, twin.weight)
+
+
+def test_embedding_lookup_takes_the_fresh_pages_only_where_they_pay():
+    small, _ = _tables()  # far under the threshold
+    ids = torch.tensor([[1, 2]])
+    assert type(layers.embedding_lookup(small, ids).grad_fn).__name__ == "EmbeddingBackward0"
+    rows = layers.FRESH_PAGES_MIN_BYTES // (4 * 64)
+    large = nn.Embedding(rows, 64)
+    assert "LookupOnFreshPages" in type(layers.embedding_lookup(large, ids).grad_fn).__name__
+    with torch.no_grad():
+        assert layers.embedding_lookup(large, ids).grad_fn is None
+    scaled = nn.Embedding(rows, 64, scale_grad_by_freq=True)
+    assert type(layers.embedding_lookup(scaled, ids).grad_fn).__name__ == "EmbeddingBackward0"

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import nn
 
-PLUGIN_API_VERSION = "1.4"
+PLUGIN_API_VERSION = "1.5"
 
 #: Modality names become checkpoint keys and ``nn.ModuleDict`` keys.
 MODALITY_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -19,7 +19,7 @@ def test_entry_module_imports_no_heavy_libraries() -> None:
         "import sys, peace_text.plugin, peace_text\n"
         "heavy = [m for m in ('torch', 'tokenizers', 'PIL', 'torchaudio') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "assert peace_text.plugin.PEACE_PLUGIN_API == '1.2'\n"
+        "assert peace_text.plugin.PEACE_PLUGIN_API == '1.5'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

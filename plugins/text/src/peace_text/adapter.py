@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from peace_core.layers import embedding_lookup
 from peace_core.rel_pos import gather_bucket_index, token_bucket_index, token_bucket_rows
 from peace_registry.contract import AdapterOutput, BuildContext, RelativePositions
 from peace_registry.errors import PeaceError
@@ -167,9 +168,12 @@ class TextAdapter(nn.Module):
         return {**batch, EMBEDDED_KEY: self._embed(self._token_ids(batch))}
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[CLS; token_embed(ids)] + pos_embed(0..L)``: ``[B, L] -> [B, 1+L, D]``."""
+        """``[CLS; token_embed(ids)] + pos_embed(0..L)``: ``[B, L] -> [B, 1+L, D]``. The token
+        table is large, so its lookup is core's ``embedding_lookup`` (a cheaper backward)."""
         size, length = ids.shape[0], ids.shape[1] + 1
-        tokens = torch.cat([self.cls_token.expand(size, 1, -1), self.token_embed(ids)], dim=1)
+        tokens = torch.cat(
+            [self.cls_token.expand(size, 1, -1), embedding_lookup(self.token_embed, ids)], dim=1
+        )
         return tokens + self.pos_embed.weight[:length]
 
     def _check_embedded(self, tokens: object, size: int, length: int) -> None:

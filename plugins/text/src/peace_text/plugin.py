@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from peace_text.masking import WholeWordMasker
     from peace_text.preprocess import TextPreprocessor
 
-PEACE_PLUGIN_API = "1.2"
+PEACE_PLUGIN_API = "1.5"
 
 MODALITY = "text"
 
