@@ -6,6 +6,10 @@ the scale itself (``Dh ** -0.5`` unless ``scale`` is given), so every backend se
 * ``math``: the readable reference. Scores are computed in the input dtype, the bias is added and
   the softmax taken in fp32, then the probabilities are cast back (as the official model does).
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the bias as ``attn_mask``.
+  Where the bias takes a gradient (trained relative-position tables) on CPU in fp32, torch has no
+  fused kernel and falls back to its unfused math path; :class:`_BiasedAttention` runs the same
+  math in fewer passes over the ``[B,H,N,N]`` scores instead (same values and gradients to float
+  rounding, fully masked rows give zeros as sdpa's do).
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA only). Its tensor bias must
   have the exact shape ``[B,H,N,N]`` and rows aligned in memory, so the bias is materialised with
   its last dim padded to a multiple of 8 and sliced back to ``N``.
@@ -92,8 +96,81 @@ def _attend_math(
 def _attend_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
+    if _takes_biased_attention(q, k, v, bias):
+        return _BiasedAttention.apply(q, k, v, bias, scale)
     mask = None if bias is None else bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _takes_biased_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> bool:
+    """Where sdpa would run its unfused math path because the bias takes a gradient."""
+    return (
+        bias is not None
+        and bias.requires_grad
+        and torch.is_grad_enabled()
+        and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == bias.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + bias) v``, differentiable in the bias too, for CPU.
+
+    torch's sdpa has no CPU kernel that returns the bias gradient, so there it runs its math
+    path: q and k scaled, the scores, the bias added, a softmax with checks for fully masked
+    rows, and the backward of each. Here the bias is copied into the scores, which one GEMM
+    accumulates into (``baddbmm_``), the softmax is taken once and only the probabilities are
+    kept; the backward is three batched GEMMs and one softmax backward, whose sum over the
+    bias's broadcast dimensions is the bias gradient. Image-text training step 7.12 -> 6.91 s
+    (small, ``benchmarks/workloads.py`` shapes, alternating in one process).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):  # type: ignore[override]
+        batch, heads, queries, head_dim = q.shape
+        keys = k.shape[2]
+        flat = batch * heads
+        q3 = q.reshape(flat, queries, head_dim)
+        k3 = k.reshape(flat, keys, head_dim)
+        v3 = v.reshape(flat, keys, head_dim)
+        scores = bias.expand(batch, heads, queries, keys).reshape(flat, queries, keys)
+        if scores.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr():
+            scores = scores.clone()  # a view of the bias itself: never written into
+        scores.baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        # A row whose every key is masked is NaN: zeros, as sdpa gives (and no gradient).
+        if bool(probs[..., 0].isnan().any()):
+            probs = probs.nan_to_num_(0.0)
+        ctx.save_for_backward(q3, k3, v3, probs)
+        ctx.scale, ctx.bias_shape = scale, bias.shape
+        return torch.bmm(probs, v3).view(batch, heads, queries, head_dim)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        q3, k3, v3, probs = ctx.saved_tensors
+        need_q, need_k, need_v, need_bias, _ = ctx.needs_input_grad
+        batch, heads, queries, head_dim = grad_output.shape
+        keys = k3.shape[1]
+        grad3 = grad_output.reshape(-1, queries, head_dim)
+        grad_q = grad_k = grad_v = grad_bias = None
+        if need_v:
+            grad_v = torch.bmm(probs.transpose(1, 2), grad3).view(batch, heads, keys, head_dim)
+        grad_probs = torch.bmm(grad3, v3.transpose(1, 2))
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        del grad_probs
+        if need_bias:
+            grad_bias = grad_scores.view(batch, heads, queries, keys).sum_to_size(ctx.bias_shape)
+        if need_q:
+            grad_q = torch.bmm(grad_scores, k3).mul_(ctx.scale)
+            grad_q = grad_q.view(batch, heads, queries, head_dim)
+        if need_k:
+            grad_k = torch.bmm(grad_scores.transpose(1, 2), q3).mul_(ctx.scale)
+            grad_k = grad_k.view(batch, heads, keys, head_dim)
+        return grad_q, grad_k, grad_v, grad_bias, None
 
 
 def _attend_xformers(

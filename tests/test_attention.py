@@ -220,3 +220,67 @@ def test_broken_xformers_requested_explicitly_says_why(broken_xformers) -> None:
 def test_auto_on_cuda_prefers_working_xformers(fresh_probe) -> None:
     pytest.importorskip("xformers.ops")
     assert resolve_backend("auto", "cuda", torch.bfloat16) == "xformers"
+
+
+def _sdpa_reference(q, k, v, bias, scale=None):
+    """torch's own sdpa (its math path here: the bias takes a gradient)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+@pytest.mark.parametrize(
+    ("bias_batch", "bias_heads", "queries"), [(None, 3, 11), (1, 3, 11), (1, 1, 11), (None, 3, 4)]
+)
+def test_biased_attention_matches_torch_sdpa(bias_batch, bias_heads, queries) -> None:
+    """Where the bias takes a gradient on CPU, ``sdpa`` runs its own biased attention: values and
+    every gradient (the bias's summed over its broadcast dimensions) as torch's sdpa gives them,
+    for a shared or per-sample bias, heads broadcast, and fewer queries than keys."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, keys, head_dim = 2, 3, 11, 8
+    q = torch.randn(batch, heads, queries, head_dim, generator=gen)
+    # k and v as the projections give them: views of a [B, N, H, Dh] tensor.
+    k, v = (torch.randn(batch, keys, heads, head_dim, generator=gen).transpose(1, 2) for _ in "kv")
+    bias = torch.randn(bias_batch or batch, bias_heads, queries, keys, generator=gen)
+    if bias.shape[0] == batch:
+        bias[-1, :, :, -3:] = float("-inf")
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, bias)]
+    twins = [t.detach().requires_grad_(True) for t in (q, k, v, bias)]
+    out = attend(*leaves, "sdpa", scale=0.3)
+    assert type(out.grad_fn).__name__ == "_BiasedAttentionBackward"
+    reference = _sdpa_reference(*twins, scale=0.3)
+    weights = torch.randn(out.shape, generator=gen)
+    (out * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    for name, got, want in zip(("q", "k", "v", "bias"), leaves, twins):
+        assert got.grad.shape == want.grad.shape, name
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
+    if bias.shape[0] == batch:
+        assert leaves[3].grad[-1, :, :, -3:].abs().max() == 0  # masked keys take no gradient
+
+
+def test_biased_attention_gives_fully_masked_rows_zeros_as_sdpa_does() -> None:
+    q, k, v, bias = _inputs()
+    bias = bias.detach().clone()
+    bias[0, 1, 2, :] = float("-inf")  # query 2 of head 1 may attend no key
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, bias)]
+    twins = [t.detach().requires_grad_(True) for t in (q, k, v, bias)]
+    out = attend(*leaves, "sdpa")
+    assert type(out.grad_fn).__name__ == "_BiasedAttentionBackward"
+    assert torch.isfinite(out).all() and out[0, 1, 2].abs().max() == 0
+    reference = _sdpa_reference(*twins)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    reference.sum().backward()
+    for got, want in zip(leaves, twins):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
+    assert leaves[0].grad[0, 1, 2].abs().max() == 0
+
+
+def test_biased_attention_only_where_torch_sdpa_has_no_fused_kernel() -> None:
+    q, k, v, bias = _inputs()
+    frozen = bias.detach()
+    assert type(attend(q, k, v, frozen, "sdpa").grad_fn).__name__ != "_BiasedAttentionBackward"
+    with torch.no_grad():
+        assert attend(q, k, v, bias, "sdpa").grad_fn is None
+    assert type(attend(q, k, v, bias, "sdpa").grad_fn).__name__ == "_BiasedAttentionBackward"
+    assert "Biased" not in type(attend(q, k, v, bias, "math").grad_fn).__name__
