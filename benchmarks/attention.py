@@ -5,6 +5,12 @@ Every available backend runs in the same process on the same weights and inputs,
 
     python benchmarks/attention.py                       # CPU: math vs sdpa, a 2-layer base slice
     python benchmarks/attention.py --device cuda --depth 12 --dtype bf16   # + xformers
+    python benchmarks/attention.py --attention-only --tokens 125   # ``attend`` alone
+
+``--attention-only`` times ``attend``'s forward+backward alone, with a bias that takes a gradient
+(as a trained relative-position table's does), and adds torch's own
+``scaled_dot_product_attention`` as a row: on CPU the ``sdpa`` backend runs its own function
+there instead of torch's unfused math fallback, and this shows what that is worth.
 
 The joint input is one image-like segment of ``--tokens`` tokens with a shared relative-position
 table and a few padded keys, as in real batches, so the attention bias path is exercised.
@@ -19,11 +25,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peace_core.attention import resolve_backend
+from peace_core.attention import attend, resolve_backend
 from peace_core.config import EncoderConfig
 from peace_core.encoder import FusionEncoder, Segment
+from peace_core.host_memory import keep_freed_host_memory
 from peace_core.layers import GeGLUFFN
 from peace_registry.contract import RelativePositions
 
@@ -52,7 +60,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backends", default="math,sdpa,xformers", help="comma-separated; unavailable ones skipped"
     )
+    parser.add_argument(
+        "--attention-only",
+        action="store_true",
+        help="time attend() alone (bias with a gradient), with torch's sdpa as an extra row",
+    )
     return parser.parse_args(argv)
+
+
+def time_attention_only(
+    args: argparse.Namespace, device: torch.device, backends: list[str]
+) -> list[Result]:
+    """Forward+backward of ``attend`` alone over ``[B, heads, T, dim/heads]`` with a shared
+    ``[1, heads, T, T]`` bias that takes a gradient; ``torch-sdpa`` is torch's own function."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, args.tokens, args.dim // args.heads)
+    q, k, v = (torch.randn(shape, generator=gen).to(device).requires_grad_() for _ in "qkv")
+    bias = torch.randn(1, args.heads, args.tokens, args.tokens, generator=gen).to(device)
+    bias.requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(device)
+    scale = (args.dim // args.heads) ** -0.5
+    kernels = {name: (lambda name=name: attend(q, k, v, bias, name)) for name in backends}
+    kernels["torch-sdpa"] = lambda: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, scale=scale
+    )
+    results = []
+    for name, kernel in kernels.items():
+        times = []
+        for step in range(args.warmup + args.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            torch.autograd.grad(kernel(), (q, k, v, bias), grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+        results.append(Result(name, statistics.median(times), None))
+    return results
 
 
 def make_inputs(args: argparse.Namespace, device: torch.device) -> list[Segment]:
@@ -109,6 +154,7 @@ def available(backend: str, device: torch.device, dtype: torch.dtype) -> str | N
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    keep_freed_host_memory()  # as the peace commands do: no page faults on reused activations
     torch.manual_seed(0)
     config = EncoderConfig(
         dim=args.dim, depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim, attention="math"
@@ -117,18 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         config, {"vision": lambda: GeGLUFFN(args.dim, args.ffn_dim, device=device)}, device=device
     ).train()
     segments = make_inputs(args, device)
+    what = "attend() alone" if args.attention_only else f"FusionEncoder depth={args.depth}"
     print(
-        f"FusionEncoder dim={args.dim} depth={args.depth} heads={args.heads} ffn={args.ffn_dim} "
+        f"{what} dim={args.dim} heads={args.heads} ffn={args.ffn_dim} "
         f"T={args.tokens} B={args.batch} on {device} ({args.dtype}), "
         f"median of {args.steps} fwd+bwd steps"
     )
-    results: list[Result] = []
+    runnable = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         reason = available(backend, device, DTYPES[args.dtype])
         if reason is not None:
             print(f"  skipping {backend}: {reason}")
             continue
-        results.append(time_backend(encoder, segments, backend, args, device))
+        runnable.append(backend)
+    if args.attention_only:
+        results = time_attention_only(args, device, runnable)
+    else:
+        results = [time_backend(encoder, segments, b, args, device) for b in runnable]
     if not results:
         print("no backend could run", file=sys.stderr)
         return 1

@@ -121,11 +121,11 @@ class _BiasedAttention(torch.autograd.Function):
 
     torch's sdpa has no CPU kernel that returns the bias gradient, so there it runs its math
     path: q and k scaled, the scores, the bias added, a softmax with checks for fully masked
-    rows, and the backward of each. Here the bias is copied into the scores, which one GEMM
-    accumulates into (``baddbmm_``), the softmax is taken once and only the probabilities are
-    kept; the backward is three batched GEMMs and one softmax backward, whose sum over the
-    bias's broadcast dimensions is the bias gradient. Image-text training step 7.12 -> 6.91 s
-    (small, ``benchmarks/workloads.py`` shapes, alternating in one process).
+    rows, and the backward of each. Here the scale rides on the scores' GEMM, the bias is added
+    in place, the softmax is taken once and only the probabilities are kept; the backward is
+    four batched GEMMs and one softmax backward, whose sum over the bias's broadcast dimensions
+    is the bias gradient. Forward+backward of 8 x 12 heads of 64: 18-20 % faster than torch's
+    fallback at 71 and 125 tokens, 11 % at 257 (``benchmarks/attention.py --attention-only``).
     """
 
     @staticmethod
@@ -136,10 +136,11 @@ class _BiasedAttention(torch.autograd.Function):
         q3 = q.reshape(flat, queries, head_dim)
         k3 = k.reshape(flat, keys, head_dim)
         v3 = v.reshape(flat, keys, head_dim)
-        scores = bias.expand(batch, heads, queries, keys).reshape(flat, queries, keys)
-        if scores.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr():
-            scores = scores.clone()  # a view of the bias itself: never written into
-        scores.baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
+        # With beta=0 the first argument only gives the shape: the scale rides on the GEMM,
+        # and the bias is added in place, broadcast (no copy of it per sample).
+        shape_only = q3.new_empty(()).expand(flat, queries, keys)
+        scores = torch.baddbmm(shape_only, q3, k3.transpose(1, 2), beta=0.0, alpha=scale)
+        scores.view(batch, heads, queries, keys).add_(bias)
         probs = torch.softmax(scores, dim=-1)
         del scores
         # A row whose every key is masked is NaN: zeros, as sdpa gives (and no gradient).
