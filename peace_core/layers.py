@@ -277,7 +277,7 @@ def embedding_lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
 def _zeros_on_fresh_pages(rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """A zero ``[rows, dim]`` tensor on private anonymous pages: the OS zeroes a page when it is
     first touched, so untouched rows cost nothing. The mapping lives as long as the tensor."""
-    size = rows * dim * torch.empty((), dtype=dtype).element_size()
+    size = rows * dim * dtype.itemsize
     pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(pages, dtype=dtype).view(rows, dim)
 
