@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,36 +69,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _median_ms(step: Callable[[], object], args: argparse.Namespace, device: torch.device) -> float:
+    """Median wall time of ``step`` over ``args.steps`` runs after ``args.warmup``, in ms."""
+    cuda = device.type == "cuda"
+    times = []
+    for index in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        if index >= args.warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def time_attention_only(
     args: argparse.Namespace, device: torch.device, backends: list[str]
 ) -> list[Result]:
-    """Forward+backward of ``attend`` alone over ``[B, heads, T, dim/heads]`` with a shared
-    ``[1, heads, T, T]`` bias that takes a gradient; ``torch-sdpa`` is torch's own function."""
+    """Forward+backward of ``attend`` alone over ``[B, heads, T, dim/heads]`` in ``--dtype`` with
+    a shared ``[1, heads, T, T]`` bias that takes a gradient; ``torch-sdpa`` is torch's own
+    function."""
     gen = torch.Generator().manual_seed(0)
+    dtype = DTYPES[args.dtype]
     shape = (args.batch, args.heads, args.tokens, args.dim // args.heads)
-    q, k, v = (torch.randn(shape, generator=gen).to(device).requires_grad_() for _ in "qkv")
-    bias = torch.randn(1, args.heads, args.tokens, args.tokens, generator=gen).to(device)
+    q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for _ in "qkv")
+    bias = torch.randn(1, args.heads, args.tokens, args.tokens, generator=gen).to(device, dtype)
     bias.requires_grad_()
-    grad = torch.randn(shape, generator=gen).to(device)
+    grad = torch.randn(shape, generator=gen).to(device, dtype)
     scale = (args.dim // args.heads) ** -0.5
     kernels = {name: (lambda name=name: attend(q, k, v, bias, name)) for name in backends}
     kernels["torch-sdpa"] = lambda: F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, scale=scale
     )
-    results = []
-    for name, kernel in kernels.items():
-        times = []
-        for step in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            torch.autograd.grad(kernel(), (q, k, v, bias), grad)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step >= args.warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-        results.append(Result(name, statistics.median(times), None))
-    return results
+    return [
+        Result(
+            name,
+            _median_ms(
+                lambda kernel=kernel: torch.autograd.grad(kernel(), (q, k, v, bias), grad),
+                args,
+                device,
+            ),
+            None,
+        )
+        for name, kernel in kernels.items()
+    ]
 
 
 def make_inputs(args: argparse.Namespace, device: torch.device) -> list[Segment]:
@@ -125,21 +142,16 @@ def time_backend(
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(args.warmup + args.steps):
+
+    def step() -> None:
         encoder.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
         with autocast:
             out = encoder(segments)
         out.hidden[0].float().square().mean().backward()
-        if cuda:
-            torch.cuda.synchronize(device)
-        if step >= args.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+
+    median = _median_ms(step, args, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    return Result(backend, statistics.median(times), peak)
+    return Result(backend, median, peak)
 
 
 def available(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -156,13 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     keep_freed_host_memory()  # as the peace commands do: no page faults on reused activations
     torch.manual_seed(0)
-    config = EncoderConfig(
-        dim=args.dim, depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim, attention="math"
-    )
-    encoder = FusionEncoder(
-        config, {"vision": lambda: GeGLUFFN(args.dim, args.ffn_dim, device=device)}, device=device
-    ).train()
-    segments = make_inputs(args, device)
     what = "attend() alone" if args.attention_only else f"FusionEncoder depth={args.depth}"
     print(
         f"{what} dim={args.dim} heads={args.heads} ffn={args.ffn_dim} "
@@ -179,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention_only:
         results = time_attention_only(args, device, runnable)
     else:
+        config = EncoderConfig(
+            dim=args.dim, depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim, attention="math"
+        )
+        ffns = {"vision": lambda: GeGLUFFN(args.dim, args.ffn_dim, device=device)}
+        encoder = FusionEncoder(config, ffns, device=device).train()
+        segments = make_inputs(args, device)
         results = [time_backend(encoder, segments, b, args, device) for b in runnable]
     if not results:
         print("no backend could run", file=sys.stderr)
