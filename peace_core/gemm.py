@@ -97,7 +97,9 @@ def describe_cpu_gemm() -> str:
     return f"{backend} ({_state['reason']}; {CPU_GEMM_ENV_VAR} to change)"
 
 
-def _plain(tensor: torch.Tensor | None) -> bool:
+def plain_tensor(tensor: torch.Tensor | None) -> bool:
+    """None, a tensor or a parameter, but no tensor subclass (a DTensor shard, a fake or
+    functional tensor), whose memory the CPU fast paths could not read directly."""
     return tensor is None or type(tensor) in (torch.Tensor, nn.Parameter)
 
 
@@ -110,9 +112,9 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         and x.ndim >= 2
         and weight.ndim == 2
         and x.numel() > 0
-        and _plain(x)
-        and _plain(weight)
-        and _plain(bias)
+        and plain_tensor(x)
+        and plain_tensor(weight)
+        and plain_tensor(bias)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
@@ -177,7 +179,7 @@ def lay_out_weight(linear: nn.Linear) -> None:
     weight = linear.weight
     if (
         linear.in_features > linear.out_features
-        and _plain(weight)
+        and plain_tensor(weight)
         and weight.ndim == 2
         and not stored_transposed(weight)
     ):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from peace_core.gemm import Linear, input_grad, linear_no_grad, weight_grad
+from peace_core.gemm import Linear, input_grad, linear_no_grad, plain_tensor, weight_grad
 from peace_core.host_memory import MMAP_THRESHOLD_BYTES
 
 #: Tables from this size up get their gradient on fresh zero pages (:func:`embedding_lookup`).
@@ -260,7 +260,7 @@ def embedding_lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         torch.is_grad_enabled()
         and weight.requires_grad
         and weight.device.type == "cpu"
-        and type(weight) in (torch.Tensor, nn.Parameter)
+        and plain_tensor(weight)
         and weight.ndim == 2
         and weight.numel() > 0
         and weight.numel() * weight.element_size() >= FRESH_PAGES_MIN_BYTES
